@@ -1,0 +1,52 @@
+// All operator schemas of the `piso` namespace, in one place (the op contract of ARCHITECTURE.md §2).
+// Kernels register themselves per backend beside their code (csrc/cpu/*, csrc/cuda/*), so a
+// CPU-only build simply lacks the CUDA registrations. Fake (meta) kernels live in torch_piso/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(piso, m) {
+  // H += x^T x over every leading dim of x ([..., D]); H [D,D] float32/float64 sets the precision.
+  // Symmetric work (syrk-like); both triangles are written.
+  m.def("hessian_accumulate_(Tensor(a!) H, Tensor x) -> ()");
+  // G += x_q^T x_fp: inputs of the quantized model against the paired float inputs (X~^T X).
+  m.def("cross_accumulate_(Tensor(a!) G, Tensor x_q, Tensor x_fp) -> ()");
+
+  // PiSO: the exactly optimal scale s > 0 minimizing s^2 q^T H q - 2 s q^T G w with q = RTN(w/s).
+  // H None = identity (data-free), 1-D = diagonal, 2-D = dense. G None = H. group_size -1 = per
+  // channel ([N]); else [N, D/group_size] with PiSO_I, or PiSO_S when `sequential`.
+  // eps is relative to the interval's upper breakpoint.
+  m.def(
+      "optimal_scales(Tensor W, Tensor? H, Tensor? G, int bits, int group_size=-1, "
+      "bool sequential=False, float eps=1e-9, bool narrow_range=False) -> Tensor");
+  // Round-to-nearest on a given grid: codes int8 and the dequantized weight scale * code.
+  m.def(
+      "quantize_rtn(Tensor W, Tensor scales, int bits, int group_size=-1, bool narrow_range=False) "
+      "-> (Tensor codes, Tensor W_hat)");
+  // The breakpoint sweep itself for a batch of independent problems that share one H block:
+  // row r rounds W[r] and its linear term is lin[r] (E = s^2 q^T H q - 2 s q^T lin[r]).
+  // Returns (scales, objective at the returned scale). `algorithm`: auto | sequential | event_parallel
+  // (the GPU formulation, also runnable on CPU so that it is tested everywhere).
+  m.def(
+      "_piso_sweep(Tensor W, Tensor lin, Tensor? H, int qmin, int qmax, float eps=1e-9, "
+      "str algorithm=\"auto\") -> (Tensor scales, Tensor objective)");
+
+  // GPTQ on H = X~^T X~ (lazy-batch Cholesky form). scales_update: none | group_absmax | layer |
+  // group | group_sequential | group_data_free. stats (optional, float64 [4], written):
+  // [damping added, damping relative to mean diag H, 1 if it fell back to RTN, layer loss].
+  m.def(
+      "gptq(Tensor W, Tensor H, int bits, int group_size=-1, Tensor? scales=None, "
+      "str scales_update=\"none\", bool act_order=True, int block_size=128, float damp=0.01, "
+      "bool narrow_range=False, Tensor(b!)? stats=None) -> (Tensor codes, Tensor scales, Tensor W_hat)");
+  // Qronos on H = X~^T X~ and G = X~^T X (damping alpha * lambda_max(H)); same outputs as gptq.
+  m.def(
+      "qronos(Tensor W, Tensor H, Tensor G, int bits, int group_size=-1, Tensor? scales=None, "
+      "str scales_update=\"none\", bool act_order=True, int block_size=128, float alpha=1e-6, "
+      "bool narrow_range=False, Tensor(b!)? stats=None) -> (Tensor codes, Tensor scales, Tensor W_hat)");
+
+  // Packed storage for QuantLinear: int8 codes [N, D] <-> packed int32 words.
+  m.def("pack(Tensor codes, int bits) -> Tensor");
+  m.def("unpack(Tensor packed, int bits, int in_features) -> Tensor");
+  // y = x @ dequant(packed, scales)^T (+ bias), without materializing the float weight.
+  m.def(
+      "dequant_matmul(Tensor x, Tensor packed, Tensor scales, int bits, int group_size, "
+      "int in_features, Tensor? bias=None) -> Tensor");
+}
