@@ -20,7 +20,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PY=.venv/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-if ! $PY -c 'import torch, transformers, safetensors, gguf, numpy, tqdm, yaml, pytest, ninja; assert torch.__version__.startswith("2.11.0")' 2>/dev/null; then
+if ! $PY -c 'import torch, transformers, safetensors, gguf, accelerate, numpy, tqdm, yaml, pytest, ninja; assert torch.__version__.startswith("2.11.0")' 2>/dev/null; then
   echo "== installing Python dependencies (torch==2.11.0, transformers, ...)"
   $PY -m pip install -q --upgrade pip
   $PY -m pip install -q -r requirements.txt
