@@ -287,8 +287,20 @@ bool factor_with_escalation(const char* op, double lambda0, double base, F&& fac
   return false;
 }
 
-bool chol_ok(const std::tuple<at::Tensor, at::Tensor>& r) {
-  return std::get<1>(r).item<int64_t>() == 0 && at::isfinite(std::get<0>(r)).all().item<bool>();
+// U = upper Cholesky factor of A^-1 (A symmetric positive definite), or undefined if A does not
+// factor. With J the reversal permutation and J A J = L L^T:  A^-1 = (J L^-T J)(J L^-1 J), and
+// J L^-1 J is upper triangular with positive diagonal, so it IS the upper Cholesky factor of A^-1.
+// One Cholesky + one triangular solve replaces IST's chol -> cholesky_inverse -> chol (same result,
+// one factorization fewer; torch's CPU cholesky_inverse is also very slow at these sizes).
+at::Tensor upper_chol_of_inverse(const at::Tensor& A) {
+  auto Af = A.flip({0, 1});
+  auto r = at::linalg_cholesky_ex(Af, /*upper=*/false, /*check_errors=*/false);
+  if (std::get<1>(r).item<int64_t>() != 0) return at::Tensor();
+  const auto& L = std::get<0>(r);
+  auto Li = at::linalg_solve_triangular(L, at::eye(A.size(0), A.options()), /*upper=*/false);
+  auto U = Li.flip({0, 1}).contiguous();
+  if (!at::isfinite(U).all().item<bool>()) return at::Tensor();
+  return U;
 }
 
 // Common set-up: work copies, dead columns, initial scales, column order. Returns Hfix (raw H with
@@ -385,18 +397,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gptq_impl(
                     narrow_range);
   const double base = mean_diag(Hfix);
 
-  // U = upper Cholesky factor of (H + lambda I)^-1  (chol -> cholesky_inverse -> chol, as IST).
+  // U = upper Cholesky factor of (H + lambda I)^-1.
   at::Tensor U;
   auto factor = [&](double lam) {
     auto Hd = Hfix.clone();
     Hd.diagonal().add_(lam);
-    auto L = at::linalg_cholesky_ex(Hd, /*upper=*/false, /*check_errors=*/false);
-    if (!chol_ok(L)) return false;
-    auto Hinv = at::cholesky_inverse(std::get<0>(L), /*upper=*/false);
-    auto R = at::linalg_cholesky_ex(Hinv, /*upper=*/true, /*check_errors=*/false);
-    if (!chol_ok(R)) return false;
-    U = std::get<0>(R).contiguous();
-    return true;
+    U = upper_chol_of_inverse(Hd);
+    return U.defined();
   };
   const bool ok = factor_with_escalation("gptq", damp * base, base, factor, c.lambda);
   Hfix = at::Tensor();
@@ -455,23 +462,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qronos_impl(
   const int64_t D = c.D;
   const double lmax = lambda_max(H.to(c.cd));
 
-  // M^-1 = (H + lambda I)^-1; S = (H[1:,1:] + lambda I)^-1 by the Schur complement of M^-1
-  // (ALGORITHM §5.2 step 1b); U' = upper Cholesky factor of S for steps 2+.
-  at::Tensor S, Ur;
+  // With M = H + lambda I and M' = M[1:,1:]: U' = upper Cholesky factor of S = M'^-1, the inverse
+  // used by the ridge re-solve (step 1b, S = U'^T U') and by the sweep of steps 2+ (ALGORITHM
+  // §5.2; Brevitas gets S as a Schur complement of M^-1, the same matrix). M itself is positive
+  // definite iff M' is and its Schur complement M00 - m^T S m = M00 - |U' m|^2 is positive.
+  at::Tensor Ur;
   auto factor = [&](double lam) {
-    auto M = Hfix.clone();
-    M.diagonal().add_(lam);
-    auto L = at::linalg_cholesky_ex(M, false, false);
-    if (!chol_ok(L)) return false;
-    auto Minv = at::cholesky_inverse(std::get<0>(L), false);
+    const double m00 = Hfix[0][0].item<double>() + lam;
+    if (!(m00 > 0)) return false;
     if (D == 1) return true;
-    auto b = Minv.narrow(0, 1, D - 1).select(1, 0);
-    const double cc = Minv[0][0].item<double>();
-    S = Minv.narrow(0, 1, D - 1).narrow(1, 1, D - 1) - at::outer(b, b) / cc;
-    auto R = at::linalg_cholesky_ex(S, /*upper=*/true, false);
-    if (!chol_ok(R)) return false;
-    Ur = std::get<0>(R);
-    return true;
+    auto Mr = Hfix.narrow(0, 1, D - 1).narrow(1, 1, D - 1).clone();
+    Mr.diagonal().add_(lam);
+    Ur = upper_chol_of_inverse(Mr);
+    if (!Ur.defined()) return false;
+    auto m = Hfix.select(1, 0).narrow(0, 1, D - 1);
+    return m00 - at::mv(Ur, m).to(at::kDouble).pow(2).sum().item<double>() > 0;
   };
   const bool ok = factor_with_escalation("qronos", alpha * std::max(lmax, 0.0), base, factor,
                                          c.lambda);
@@ -496,8 +501,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qronos_impl(
       auto rhs = at::mm(c.Wo, c.Gp.narrow(0, 1, D - 1).t());
       rhs.add_(c.Wo.narrow(1, 1, D - 1), c.lambda);
       rhs.sub_(at::outer(c.Wp.select(1, 0), c.Hp.select(1, 0).narrow(0, 1, D - 1)));
-      c.Wp.narrow(1, 1, D - 1).copy_(at::mm(rhs, S));
-      S = at::Tensor();
+      c.Wp.narrow(1, 1, D - 1).copy_(at::mm(at::mm(rhs, Ur.t()), Ur));  // rhs S, S = U'^T U'
       Hfix = at::Tensor();
       // Steps 2+: GPTQ sweep on the remaining columns with U' (index shifted by one).
       sweep(c, Ufull, 1, block_size);

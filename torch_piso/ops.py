@@ -81,6 +81,34 @@ def _(W, lin, H, qmin, qmax, eps=1e-9, algorithm="auto"):
 # ---------------------------------------------------------------------------------------------
 # GPTQ / Qronos
 # ---------------------------------------------------------------------------------------------
+SCALES_UPDATES = ("none", "group_absmax", "layer", "layer_sequential", "group", "group_sequential",
+                  "group_data_free")
+
+
+def gptq(W: Tensor, H: Tensor, bits: int, group_size: int = -1, scales: Optional[Tensor] = None,
+         scales_update: str = "none", act_order: bool = True, block_size: int = 128,
+         damp: float = 0.01, narrow_range: bool = False, stats: Optional[Tensor] = None):
+    """GPTQ on H = X~ᵀX~ with optional PiSO interleaving; returns (codes int8, scales, W_hat).
+
+    ``scales_update``: none (given/absmax scales), group_absmax (IST dynamic groups), layer /
+    layer_sequential (⊙*: PiSO_I / PiSO_S on H before the sweep), group / group_sequential /
+    group_data_free (⊙†: each group's scale by PiSO_I / PiSO_S / data-free PiSO on the current,
+    error-diffused weights just before its first column). ``stats`` (float64 [4], written):
+    [damping added, damping / mean diag H, 1 if fell back to RTN, layer loss on the undamped H]."""
+    return _lib.gptq(W, H, bits, group_size, scales, scales_update, act_order, block_size, damp,
+                     narrow_range, stats)
+
+
+def qronos(W: Tensor, H: Tensor, G: Tensor, bits: int, group_size: int = -1,
+           scales: Optional[Tensor] = None, scales_update: str = "none", act_order: bool = True,
+           block_size: int = 128, alpha: float = 1e-6, narrow_range: bool = False,
+           stats: Optional[Tensor] = None):
+    """Qronos on H = X~ᵀX~ and G = X~ᵀX (rows of G index the quantized-model features), ridge
+    alpha·λ_max(H); same modes and outputs as :func:`gptq` (stats[0] = the ridge λ)."""
+    return _lib.qronos(W, H, G, bits, group_size, scales, scales_update, act_order, block_size,
+                       alpha, narrow_range, stats)
+
+
 def _ec_fake(W, bits, group_size):
     N, D = W.shape
     shape = (N,) if group_size == -1 else (N, D // group_size)
