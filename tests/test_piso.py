@@ -1,6 +1,7 @@
 """PiSO ops (optimal_scales, quantize_rtn, _piso_sweep) against the float64 reference
 torch_piso/reference/piso.py (brute force over s, objectives, RTN)."""
 import itertools
+import zlib
 
 import pytest
 import torch
@@ -55,7 +56,7 @@ CASES = list(itertools.product([2, 3, 4, 8], ["identity", "diag", "dense"], ["ga
 
 @pytest.mark.parametrize("bits,hkind,wkind", CASES)
 def test_optimal_scales_no_worse_than_brute_force(bits, hkind, wkind):
-    gen = torch.Generator().manual_seed(hash((bits, hkind, wkind)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{bits}{hkind}{wkind}".encode()))
     for trial in range(3):
         D = [1, 5, 17, 64][(trial + bits) % 4] if bits < 8 else [1, 6, 24][trial]
         narrow = trial == 1
