@@ -77,11 +77,13 @@ std::tuple<at::Tensor, at::Tensor> sweep(const at::Tensor& W_in, const at::Tenso
                 H_in.sizes());
     TORCH_CHECK(H_in.size(0) == d && (H_in.dim() == 1 || H_in.size(1) == d), "H: expected size ", d,
                 " to match W of shape ", W_in.sizes(), ", got ", H_in.sizes());
-    H = H_in.to(at::kDouble);
+    TORCH_CHECK(H_in.scalar_type() == at::kFloat || H_in.scalar_type() == at::kDouble,
+                "H: expected float32 or float64, got ", H_in.scalar_type());
     // Only the symmetric part of H enters q^T H q; the sweeps read rows of H as columns.
-    // (x + x) * 0.5 == x exactly, so a symmetric H is unchanged.
-    if (H.dim() == 2) H = (H + H.t()).mul_(0.5).contiguous();
-    else H = H.contiguous();
+    // (x + x) * 0.5 == x exactly, so a symmetric H is unchanged. Dense float32 H stays float32 for
+    // the CPU sweep (half the memory traffic; widened exactly to fp64 inside).
+    if (H_in.dim() == 2) H = (H_in + H_in.t()).mul_(0.5).contiguous();
+    else H = H_in.to(at::kDouble).contiguous();
   }
 
   if (algo == SweepAlgo::Auto) algo = W.is_cpu() ? SweepAlgo::Sequential : SweepAlgo::EventParallel;
@@ -95,6 +97,7 @@ std::tuple<at::Tensor, at::Tensor> sweep(const at::Tensor& W_in, const at::Tenso
       res = {r.scale.to(W.device()), r.objective.to(W.device()), r.found.to(W.device())};
     }
   } else {
+    if (H.defined()) H = H.to(at::kDouble);
     const int64_t rows = event_parallel_rows(d, std::max(qmax, -qmin));
     std::vector<at::Tensor> sc, ob, fo;
     for (int64_t r0 = 0; r0 < R; r0 += rows) {
@@ -115,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor> sweep(const at::Tensor& W_in, const at::Tenso
   if (missing.any().item<bool>()) {
     auto absmax = W.abs().amax(1) / static_cast<double>(qmax + 1);
     auto fb = at::where(absmax > 0, absmax, 1.0).to(out_dtype).to(at::kDouble);
-    auto fb_obj = objective_at(W, lin, H, fb, qmin, qmax);
+    auto fb_obj = objective_at(W, lin, H.defined() ? H.to(at::kDouble) : H, fb, qmin, qmax);
     scale = at::where(missing, fb, scale);
     obj = at::where(missing, fb_obj, obj);
   }
@@ -210,8 +213,10 @@ at::Tensor optimal_scales_impl(const at::Tensor& W_in, const OptT& H_opt, const 
   // The values that are rounded: float64 stays, everything else becomes float32 exactly.
   const auto W = f64 ? W_in.contiguous() : W_in.to(at::kFloat).contiguous();
   const auto Wd = W.to(at::kDouble);
-  at::Tensor H = H_opt.has_value() ? H_opt->to(at::kDouble) : at::Tensor();
-  if (H.defined() && H.dim() == 2) H = (H + H.t()).mul_(0.5);
+  // Hs: H in its own dtype, symmetrized (what the sweeps get); H: float64 (for the GEMMs).
+  at::Tensor Hs = H_opt.has_value() ? *H_opt : at::Tensor();
+  if (Hs.defined() && Hs.dim() == 2) Hs = (Hs + Hs.t()).mul_(0.5);
+  const at::Tensor H = Hs.defined() ? Hs.to(at::kDouble) : Hs;
   const at::Tensor G = G_opt.has_value() ? G_opt->to(at::kDouble) : at::Tensor();
   const int64_t ng = D / gs;
 
@@ -219,7 +224,7 @@ at::Tensor optimal_scales_impl(const at::Tensor& W_in, const OptT& H_opt, const 
     at::Tensor lin;
     if (G.defined()) lin = apply_G(Wd, G);
     else lin = block_lin(Wd, H, G);
-    return std::get<0>(detail::sweep(W, lin, H, qmin, qmax, eps));
+    return std::get<0>(detail::sweep(W, lin, Hs, qmin, qmax, eps));
   }
 
   const bool dense = H.defined() && H.dim() == 2;
@@ -236,7 +241,8 @@ at::Tensor optimal_scales_impl(const at::Tensor& W_in, const OptT& H_opt, const 
       auto Hb = block(H, k0, gs);
       auto Gb = G.defined() ? block(G, k0, gs) : G;
       auto lin = block_lin(Wd.narrow(1, k0, gs), Hb, Gb);
-      out.select(1, k).copy_(std::get<0>(detail::sweep(W.narrow(1, k0, gs), lin, Hb, qmin, qmax, eps)));
+      out.select(1, k).copy_(
+          std::get<0>(detail::sweep(W.narrow(1, k0, gs), lin, block(Hs, k0, gs), qmin, qmax, eps)));
     }
     return out;
   }
@@ -256,7 +262,7 @@ at::Tensor optimal_scales_impl(const at::Tensor& W_in, const OptT& H_opt, const 
     auto Hb = block(H, k0, gs);
     auto wk = Wd.narrow(1, k0, gs);
     auto b = r.narrow(1, k0, gs) + at::matmul(wk, Hb);  // w_hat_k is still w_k (unprocessed)
-    auto s = std::get<0>(detail::sweep(W.narrow(1, k0, gs), b, Hb, qmin, qmax, eps));
+    auto s = std::get<0>(detail::sweep(W.narrow(1, k0, gs), b, block(Hs, k0, gs), qmin, qmax, eps));
     out.select(1, k).copy_(s);
     auto sd = s.to(at::kDouble).unsqueeze(1);
     auto what = at::clamp(at::round(wk / sd), qmin, qmax) * sd;

@@ -3,8 +3,8 @@
 - ``quantize_rtn``: codes = clamp(round_half_even(w / s)) in float64 (the library's rounding rule).
 - ``objective``: E(s) = s² qᵀHq − 2s qᵀGw per row (H None = identity, 1-D = diagonal, G None = H).
 - ``brute_force_scales``: the minimum of E over a dense scan of s ∈ (0, 4·max|w|/max|grid|] plus both
-  sides of every breakpoint |w_i|/(k+½) (×(1 ± 1e-7)); an upper bound on the exact optimum that the
-  exact sweep must match (ALGORITHM.md §2.10).
+  sides of every breakpoint |w_i|/(k+½) (×(1 ± 1e-7)); an upper bound on the exact optimum over the
+  open intervals between breakpoints that the exact sweep must match (ALGORITHM.md §2.10).
 - ``full_objective``: the layer objective F(ŵ) = ŵᵀHŵ − 2ŵᵀGw with every group quantized.
 """
 from __future__ import annotations
@@ -102,7 +102,11 @@ def brute_force_lin(W: Tensor, lin: Tensor, H: Optional[Tensor], qmin: int, qmax
             best_s.append(1.0)
             continue
         smax = 4 * amax / gmax
-        cand = [torch.arange(1, n + 1, dtype=torch.float64) * (smax / n)]
+        # The scan is shifted off the round values i * smax / n: with tie-heavy weights those can
+        # land exactly on a breakpoint, where round-half-even mixes the states of both sides -- an
+        # isolated point, not an interval, which PiSO (and any scale stored with rounding error)
+        # does not target.
+        cand = [torch.arange(1, n + 1, dtype=torch.float64) * (smax / n) * (1 + 3.7e-10)]
         bp = breakpoints(w, qmin, qmax)
         cand += [bp * (1 + 1e-7), bp * (1 - 1e-7)]
         s = torch.cat(cand)
