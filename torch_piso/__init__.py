@@ -17,10 +17,12 @@ except ImportError as exc:  # pragma: no cover - only without a build
 from . import ops  # noqa: E402,F401  (fake kernels + typed wrappers)
 from .ops import (  # noqa: E402,F401
     cross_accumulate_,
+    gptq,
     has_cuda_kernels,
     hessian_accumulate_,
     optimal_scales,
     quantize_rtn,
+    qronos,
 )
 
 __version__ = "0.1.0"

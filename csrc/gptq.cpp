@@ -1,0 +1,531 @@
+// GPTQ and Qronos (ALGORITHM.md §5) with PiSO interleaved inside the correction loop (§4).
+//
+// The orchestration is written once with ATen ops and runs on any device: dead columns, column
+// order, damping + Cholesky (with escalation), U = upper Cholesky factor of H^-1, the lazy-batch
+// block loop with its block-level GEMM update, the scale updates of every `scales_update` mode and
+// the Qronos first-column/ridge steps. Only the per-block column loop is a backend kernel
+// (csrc/gptq.h; cpu/gptq_cpu.cpp, cuda/gptq_cuda.cu).
+//
+// Precision: the work dtype is float64 for float64 W and float32 otherwise (bf16/fp16 W are
+// computed in float32); H and G are converted to it. Rounding is always decided in float64
+// (q = clamp(nearbyint(w / s))) with s the returned scale value, so that W_hat = s * code exactly.
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "checks.h"
+#include "gptq.h"
+#include "torch_piso.h"
+
+namespace piso {
+namespace {
+
+enum class Update { None, GroupAbsmax, Layer, LayerSequential, Group, GroupSequential, GroupDataFree };
+
+Update parse_update(c10::string_view s) {
+  const std::string v(s.data(), s.size());
+  if (v == "none") return Update::None;
+  if (v == "group_absmax") return Update::GroupAbsmax;
+  if (v == "layer") return Update::Layer;
+  if (v == "layer_sequential") return Update::LayerSequential;
+  if (v == "group") return Update::Group;
+  if (v == "group_sequential") return Update::GroupSequential;
+  if (v == "group_data_free") return Update::GroupDataFree;
+  TORCH_CHECK(false,
+              "scales_update: expected one of none, group_absmax, layer, layer_sequential, group, "
+              "group_sequential, group_data_free, got '",
+              v, "'");
+}
+
+// Modes whose scales change during the sweep, at the first column of each group.
+bool is_group_update(Update u) {
+  return u == Update::GroupAbsmax || u == Update::Group || u == Update::GroupSequential ||
+         u == Update::GroupDataFree;
+}
+
+constexpr int kMaxEscalations = 6;  // damping x10 per try: up to 1e6 x the requested damping
+constexpr double kPisoEps = 1e-9;   // relative interval margin of the PiSO sweep (ALGORITHM §2.4)
+
+// Everything the sweep needs, in processing (permuted) column order.
+struct Ctx {
+  const char* op;
+  int64_t N, D, gs, ng, qmin, qmax;
+  bool per_channel;
+  Update update;
+  at::ScalarType cd;   // work dtype
+  at::ScalarType sd;   // scale dtype
+  at::Tensor perm;     // [D] processing position -> natural column
+  std::vector<int64_t> perm_host;
+  at::Tensor Hp;       // [D, D] raw (undamped) H, permuted, work dtype
+  at::Tensor Gp;       // [D, D] cross term permuted (GPTQ: same tensor as Hp)
+  at::Tensor Wo;       // [N, D] original weights (dead columns zeroed), permuted
+  at::Tensor Wp;       // [N, D] current weights, permuted (the sweep works in place)
+  at::Tensor codes;    // [N, D] int8, permuted
+  at::Tensor sw;       // [N, ng] float64 working scales (values representable in sd)
+  at::Tensor col_group;
+  at::Tensor row_loss;
+  at::Tensor Err;
+  double lambda = 0.0;   // damping (GPTQ) / ridge (Qronos) in the factorization actually used
+  bool fallback = false; // H never factored: U = I (plain RTN, no error diffusion)
+};
+
+// --------------------------------------------------------------------------------------------
+// Argument checks (shared by gptq and qronos)
+// --------------------------------------------------------------------------------------------
+void check_square(const at::Tensor& H, int64_t D, const char* name) {
+  check_defined(H, name);
+  check_dim(H, 2, name);
+  TORCH_CHECK(H.size(0) == D && H.size(1) == D, name, ": expected shape [", D, ", ", D,
+              "] (D = W.size(1)), got ", H.sizes());
+  check_accumulator(H, name);
+}
+
+void check_common(const at::Tensor& W, const at::Tensor& H, const at::Tensor* G, int64_t bits,
+                  int64_t group_size, const std::optional<at::Tensor>& scales, int64_t block_size,
+                  const std::optional<at::Tensor>& stats) {
+  check_defined(W, "W");
+  check_dim(W, 2, "W");
+  check_floating(W, "W");
+  check_nonempty(W, "W");
+  check_bits(bits);
+  const int64_t N = W.size(0), D = W.size(1);
+  const int64_t gs = check_group_size(group_size, D);
+  check_square(H, D, "H");
+  check_same_device(W, "W", H, "H");
+  if (G) {
+    check_square(*G, D, "G");
+    check_same_device(W, "W", *G, "G");
+  }
+  TORCH_CHECK(block_size >= 1, "block_size: expected a positive integer, got ", block_size);
+  if (scales.has_value()) {
+    const auto& s = *scales;
+    check_defined(s, "scales");
+    check_floating(s, "scales");
+    check_same_device(W, "W", s, "scales");
+    if (group_size == -1) {
+      TORCH_CHECK(s.dim() == 1 && s.size(0) == N, "scales: expected shape [", N,
+                  "] for per-channel quantization (group_size=-1), got ", s.sizes());
+    } else {
+      TORCH_CHECK(s.dim() == 2 && s.size(0) == N && s.size(1) == D / gs, "scales: expected shape [",
+                  N, ", ", D / gs, "] for group_size=", gs, ", got ", s.sizes());
+    }
+    check_finite(s, "scales");
+    TORCH_CHECK((s > 0).all().item<bool>(), "scales: expected strictly positive scales");
+  }
+  if (stats.has_value()) {
+    const auto& st = *stats;
+    check_defined(st, "stats");
+    TORCH_CHECK(st.scalar_type() == at::kDouble && st.dim() == 1 && st.size(0) == 4,
+                "stats: expected a float64 tensor of shape [4], got ", st.scalar_type(), " ",
+                st.sizes());
+  }
+  check_finite(W, "W");
+  check_finite(H, "H");
+  if (G) check_finite(*G, "G");
+}
+
+// --------------------------------------------------------------------------------------------
+// Scales
+// --------------------------------------------------------------------------------------------
+// absmax baseline: max|w| / 2^(b-1) (narrow range: / (2^(b-1)-1)) per row and group; all-zero -> 1.
+at::Tensor absmax_scales(const at::Tensor& W, int64_t gs, int64_t qmin, at::ScalarType sd) {
+  const int64_t N = W.size(0), D = W.size(1);
+  auto a = W.abs().reshape({N, D / gs, gs}).amax(2).to(at::kDouble).div_(double(-qmin));
+  a = at::where(a > 0, a, at::ones_like(a));
+  return a.to(sd);
+}
+
+// Column order: natural; descending diag H (act_order); or the group-aware order of ALGORITHM §3.3
+// (groups by descending sum of diag H, inside each group by descending diag H), which keeps every
+// group contiguous so its scale can be fixed just before its first column. Stable sorts: equal
+// diagonals keep natural order (deterministic, and what the reference does).
+at::Tensor column_order(const at::Tensor& dH, int64_t gs, bool act_order, bool group_aware) {
+  const int64_t D = dH.size(0);
+  if (!act_order) return at::arange(D, dH.options().dtype(at::kLong));
+  if (!group_aware || gs == D) return std::get<1>(at::sort(dH, /*stable=*/true, 0, true));
+  const int64_t ng = D / gs;
+  auto blocks = dH.reshape({ng, gs});
+  auto gorder = std::get<1>(at::sort(blocks.sum(1), /*stable=*/true, 0, true));
+  auto inner = std::get<1>(at::sort(blocks, /*stable=*/true, 1, true));
+  return inner.index_select(0, gorder).add_(gorder.mul(gs).unsqueeze(1)).reshape({D});
+}
+
+at::Tensor permute_sym(const at::Tensor& M, const at::Tensor& perm) {
+  return M.index_select(0, perm).index_select(1, perm);
+}
+
+// Scale update of the group occupying processing positions [g0, g0 + gs), just before its first
+// column is quantized (ALGORITHM §4.3). `explicit_seq`: evaluate PiSO_S's linear term by its
+// definition  b_k = (G w_orig)_k - sum_{j not in k} H_kj w_cur_j  (GPTQ fallback, Qronos group 0).
+// Otherwise GPTQ's invariant is used: with U from H_d = H + lambda I, an OBS step on column i moves
+// H_d w only in coordinates <= i (H_d U^T = U^-1 is upper triangular), so for a group not yet
+// reached  (H w_cur)_k = (G w_orig)_k - lambda (w_cur_k - w_orig_k)  and
+//   b_k = H_kk w_cur_k + lambda (w_cur_k - w_orig_k).
+// The same holds for Qronos after its ridge re-solve (step 1b solves (H'+lambda I) v = G w + lambda w
+// - H q0 on the remaining columns, i.e. (G w - H v)_k = lambda (v_k - w_k)). This costs O(N gs^2)
+// per group instead of a [N, D] x [D, gs] GEMM, and avoids cancellation in float32.
+void update_group_scale(Ctx& c, int64_t g0, bool explicit_seq) {
+  const int64_t gs = c.gs;
+  const int64_t k = c.perm_host[g0] / gs;  // natural group index
+  auto wk = c.Wp.narrow(1, g0, gs).contiguous();
+  at::Tensor s;
+  if (c.update == Update::GroupAbsmax) {
+    s = absmax_scales(wk, gs, c.qmin, c.sd).reshape({c.N});
+  } else {
+    auto w64 = wk.to(at::kDouble);
+    auto Hkk = c.Hp.narrow(0, g0, gs).narrow(1, g0, gs);
+    at::Tensor lin;
+    std::optional<at::Tensor> Hs = Hkk;
+    if (c.update == Update::GroupDataFree) {
+      lin = w64;
+      Hs = std::nullopt;
+    } else if (c.update == Update::Group) {
+      auto Gkk = c.Gp.narrow(0, g0, gs).narrow(1, g0, gs).to(at::kDouble);
+      lin = at::mm(w64, Gkk.t());
+    } else {  // GroupSequential
+      auto H64 = Hkk.to(at::kDouble);
+      if (explicit_seq) {
+        auto Grow = c.Gp.narrow(0, g0, gs);  // [gs, D]
+        auto Hrow = c.Hp.narrow(0, g0, gs);
+        lin = at::mm(c.Wo, Grow.t()).to(at::kDouble);
+        lin.sub_(at::mm(c.Wp, Hrow.t()).to(at::kDouble));
+        lin.add_(at::mm(w64, H64.t()));
+      } else {
+        lin = at::mm(w64, H64.t());
+        if (c.lambda != 0.0) {
+          auto wo = c.Wo.narrow(1, g0, gs).to(at::kDouble);
+          lin.add_(w64 - wo, c.lambda);
+        }
+      }
+    }
+    s = std::get<0>(piso_sweep(wk, lin, Hs, c.qmin, c.qmax, kPisoEps, "auto"));
+  }
+  c.sw.select(1, k).copy_(s.to(at::kDouble));
+}
+
+// Block boundaries from `start`: range(start, D, block_size), or, when scales change per group,
+// boundaries on multiples of a block that is a whole number of groups (every group then lies inside
+// one block, so its weights are fully error-diffused when its scale is computed).
+std::vector<int64_t> block_bounds(const Ctx& c, int64_t start, int64_t block_size) {
+  std::vector<int64_t> b{start};
+  if (is_group_update(c.update) && c.gs < c.D) {
+    const int64_t B = c.gs * std::max<int64_t>(1, block_size / c.gs);
+    for (int64_t x = (start / B + 1) * B; x < c.D; x += B) b.push_back(x);
+  } else {
+    for (int64_t x = start + block_size; x < c.D; x += block_size) b.push_back(x);
+  }
+  b.push_back(c.D);
+  return b;
+}
+
+void run_columns(Ctx& c, const at::Tensor& U, int64_t c0, int64_t c1, int64_t i1, int64_t i2) {
+  detail::ColumnSweepArgs a{c.Wp, U, c.Err, c.codes, c.sw, c.col_group, c.row_loss,
+                            c0, c1, i1, i2, c.qmin, c.qmax};
+#ifdef PISO_WITH_CUDA
+  if (c.Wp.is_cuda()) {
+    detail::gptq_columns_cuda(a);
+    return;
+  }
+#endif
+  TORCH_CHECK(c.Wp.device().is_cpu(), c.op, ": no GPTQ column kernel for device ", c.Wp.device());
+  detail::gptq_columns_cpu(a);
+}
+
+// The lazy-batch GPTQ sweep over processing positions [start, D) (ALGORITHM §5.1 step 5).
+// Group scale updates fire at each group's first column (position multiple of gs).
+void sweep(Ctx& c, const at::Tensor& U, int64_t start, int64_t block_size) {
+  const auto bounds = block_bounds(c, start, block_size);
+  int64_t E = 0;
+  for (size_t t = 0; t + 1 < bounds.size(); ++t) E = std::max(E, bounds[t + 1] - bounds[t]);
+  c.Err = at::empty({c.N, E}, c.Wp.options());
+  const bool groups = is_group_update(c.update);
+  for (size_t t = 0; t + 1 < bounds.size(); ++t) {
+    const int64_t i1 = bounds[t], i2 = bounds[t + 1];
+    int64_t c0 = i1;
+    while (c0 < i2) {
+      int64_t c1 = i2;
+      if (groups) {
+        if (c0 % c.gs == 0) update_group_scale(c, c0, /*explicit_seq=*/c.fallback);
+        c1 = std::min(i2, (c0 / c.gs + 1) * c.gs);
+      }
+      run_columns(c, U, c0, c1, i1, i2);
+      c0 = c1;
+    }
+    if (i2 < c.D) {
+      auto rest = c.Wp.narrow(1, i2, c.D - i2);
+      rest.addmm_(c.Err.narrow(1, 0, i2 - i1), U.narrow(0, i1, i2 - i1).narrow(1, i2, c.D - i2),
+                  1, -1);
+    }
+  }
+}
+
+// Tries factorizations with damping lambda0, then x10 steps; warns about escalation or failure.
+// `factor(lambda)` returns true when it succeeded (and keeps what it computed).
+template <class F>
+bool factor_with_escalation(const char* op, double lambda0, double base, F&& factor,
+                            double& used) {
+  double lam = lambda0;
+  for (int t = 0; t <= kMaxEscalations; ++t) {
+    if (factor(lam)) {
+      if (t > 0) {
+        TORCH_WARN(op, ": H is not numerically positive definite with damping ", lambda0,
+                   "; used damping ", lam, " (", lam / base, " x mean diag H) after ", t,
+                   " escalation(s)");
+      }
+      used = lam;
+      return true;
+    }
+    if (t < kMaxEscalations) lam = std::max(lam * 10.0, 1e-6 * base);
+  }
+  TORCH_WARN(op, ": H could not be factored even with damping ", lam, " (", lam / base,
+             " x mean diag H); fell back to round-to-nearest with the current scales");
+  used = lam;
+  return false;
+}
+
+// U = upper Cholesky factor of A^-1 (A symmetric positive definite), or undefined if A does not
+// factor. With J the reversal permutation and J A J = L L^T:  A^-1 = (J L^-T J)(J L^-1 J), and
+// J L^-1 J is upper triangular with positive diagonal, so it IS the upper Cholesky factor of A^-1.
+// One Cholesky + one triangular solve replaces IST's chol -> cholesky_inverse -> chol (same result,
+// one factorization fewer; torch's CPU cholesky_inverse is also very slow at these sizes).
+at::Tensor upper_chol_of_inverse(const at::Tensor& A) {
+  auto Af = A.flip({0, 1});
+  auto r = at::linalg_cholesky_ex(Af, /*upper=*/false, /*check_errors=*/false);
+  if (std::get<1>(r).item<int64_t>() != 0) return at::Tensor();
+  const auto& L = std::get<0>(r);
+  auto Li = at::linalg_solve_triangular(L, at::eye(A.size(0), A.options()), /*upper=*/false);
+  auto U = Li.flip({0, 1}).contiguous();
+  if (!at::isfinite(U).all().item<bool>()) return at::Tensor();
+  return U;
+}
+
+// Common set-up: work copies, dead columns, initial scales, column order. Returns Hfix (raw H with
+// dead diagonals set to 1), permuted.
+at::Tensor setup(Ctx& c, const at::Tensor& W, const at::Tensor& H, const at::Tensor* G, int64_t bits,
+                 int64_t group_size, const std::optional<at::Tensor>& scales, c10::string_view upd,
+                 bool act_order, bool narrow_range) {
+  c.update = parse_update(upd);
+  std::tie(c.qmin, c.qmax) = int_grid(bits, narrow_range);
+  c.N = W.size(0);
+  c.D = W.size(1);
+  c.per_channel = group_size == -1;
+  c.gs = c.per_channel ? c.D : group_size;
+  c.ng = c.D / c.gs;
+  c.cd = W.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  c.sd = c.cd;
+
+  auto Wc = W.to(c.cd).contiguous();
+  auto Hc = H.to(c.cd);
+  auto dH = Hc.diagonal();
+  auto dead = dH == 0;
+  // Scales come from the ORIGINAL weights (dead columns included), as Brevitas initializes them on
+  // the first forward before GPTQ zeroes dead columns.
+  at::Tensor s0 = scales.has_value() ? scales->to(c.sd).reshape({c.N, c.ng})
+                                     : absmax_scales(Wc, c.gs, c.qmin, c.sd);
+  auto W0 = Wc.masked_fill(dead.unsqueeze(0), 0);
+  auto dfix = at::where(dead, at::ones_like(dH), dH);
+
+  if (c.update == Update::Layer || c.update == Update::LayerSequential) {
+    // ⊙*: PiSO on the EC algorithm's own H (and G), natural order, before the first column.
+    std::optional<at::Tensor> Gopt;
+    if (G) Gopt = G->to(c.cd);
+    s0 = optimal_scales(W0, Hc, Gopt, bits, group_size, c.update == Update::LayerSequential,
+                        kPisoEps, narrow_range)
+             .to(c.sd)
+             .reshape({c.N, c.ng});
+  }
+  c.sw = s0.to(at::kDouble).contiguous();
+
+  c.perm = column_order(dfix, c.gs, act_order, is_group_update(c.update));
+  c.col_group = at::div(c.perm, c.gs, "floor").contiguous();
+  auto ph = c.perm.cpu();
+  c.perm_host.assign(ph.data_ptr<int64_t>(), ph.data_ptr<int64_t>() + c.D);
+  c.Hp = permute_sym(Hc, c.perm);
+  c.Gp = G ? permute_sym(G->to(c.cd), c.perm) : c.Hp;
+  c.Wo = W0.index_select(1, c.perm).contiguous();
+  c.Wp = c.Wo.clone();
+  c.codes = at::zeros({c.N, c.D}, W.options().dtype(at::kChar));
+  c.row_loss = at::zeros({c.N}, W.options().dtype(at::kDouble));
+  auto Hfix = c.Hp.clone();
+  Hfix.diagonal().copy_(dfix.index_select(0, c.perm));
+  return Hfix;
+}
+
+double mean_diag(const at::Tensor& Hfix) {
+  const double m = Hfix.diagonal().to(at::kDouble).mean().item<double>();
+  return m > 0 ? m : 1.0;  // a non-PSD H with non-positive mean diagonal: relative to 1
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> finish(Ctx& c, const at::Tensor& W) {
+  auto inv = at::argsort(c.perm);
+  auto codes = c.codes.index_select(1, inv);
+  auto W_hat = c.Wp.index_select(1, inv).to(W.scalar_type());
+  auto scales = c.sw.to(c.sd);
+  if (c.per_channel) scales = scales.reshape({c.N});
+  return {codes, scales, W_hat};
+}
+
+// (w - w_hat)^T H (w - w_hat) summed over rows, on the undamped H (processing order).
+double explicit_loss(const Ctx& c) {
+  auto d = (c.Wo - c.Wp).to(at::kDouble);
+  return (at::mm(d, c.Hp.to(at::kDouble)) * d).sum().item<double>();
+}
+
+void write_stats(const std::optional<at::Tensor>& stats, double lambda, double base, bool fallback,
+                 double loss) {
+  if (!stats.has_value()) return;
+  auto v = at::tensor({lambda, lambda / base, fallback ? 1.0 : 0.0, loss}, at::kDouble);
+  stats->copy_(v);
+}
+
+// --------------------------------------------------------------------------------------------
+// GPTQ
+// --------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gptq_impl(
+    const at::Tensor& W, const at::Tensor& H, int64_t bits, int64_t group_size,
+    const std::optional<at::Tensor>& scales, c10::string_view scales_update, bool act_order,
+    int64_t block_size, double damp, bool narrow_range, const std::optional<at::Tensor>& stats) {
+  check_common(W, H, nullptr, bits, group_size, scales, block_size, stats);
+  TORCH_CHECK(std::isfinite(damp) && damp >= 0, "damp: expected a finite value >= 0, got ", damp);
+  Ctx c;
+  c.op = "gptq";
+  auto Hfix = setup(c, W, H, nullptr, bits, group_size, scales, scales_update, act_order,
+                    narrow_range);
+  const double base = mean_diag(Hfix);
+
+  // U = upper Cholesky factor of (H + lambda I)^-1.
+  at::Tensor U;
+  auto factor = [&](double lam) {
+    auto Hd = Hfix.clone();
+    Hd.diagonal().add_(lam);
+    U = upper_chol_of_inverse(Hd);
+    return U.defined();
+  };
+  const bool ok = factor_with_escalation("gptq", damp * base, base, factor, c.lambda);
+  Hfix = at::Tensor();
+  c.fallback = !ok;
+  if (!ok) U = at::eye(c.D, c.Wp.options());  // no error diffusion: RTN with the current scales
+  sweep(c, U, 0, block_size);
+
+  if (stats.has_value()) {
+    // Without fallback the OBS identity gives the loss for free: w0 - w_hat = err^T U, and
+    // U H_d U^T = I, so (w0 - w_hat)^T H (w0 - w_hat) = sum err^2 - lambda |w0 - w_hat|^2.
+    double loss;
+    if (ok) {
+      loss = c.row_loss.sum().item<double>() -
+             c.lambda * (c.Wo - c.Wp).to(at::kDouble).pow(2).sum().item<double>();
+    } else {
+      loss = explicit_loss(c);
+    }
+    write_stats(stats, c.lambda, base, !ok, loss);
+  }
+  return finish(c, W);
+}
+
+// --------------------------------------------------------------------------------------------
+// Qronos
+// --------------------------------------------------------------------------------------------
+// lambda_max(H) by 30 power iterations on H / max|H| from a fixed pseudo-random start (seed 42,
+// generated on the CPU in float64 so that every device starts from the same vector), as Brevitas.
+double lambda_max(const at::Tensor& H) {
+  const double scale = H.abs().max().item<double>();
+  if (scale == 0) return 0.0;
+  auto Hn = H / scale;
+  auto gen = at::detail::createCPUGenerator(42);
+  auto v = at::randn({H.size(0)}, gen, at::TensorOptions().dtype(at::kDouble)).to(H.options());
+  v.div_(v.norm());
+  for (int it = 0; it < 30; ++it) {
+    auto hv = at::mv(Hn, v);
+    const double n = hv.norm().item<double>();
+    if (!(n > 0)) return 0.0;
+    v = hv.div_(n);
+  }
+  return at::dot(v, at::mv(Hn, v)).item<double>() * scale;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qronos_impl(
+    const at::Tensor& W, const at::Tensor& H, const at::Tensor& G, int64_t bits,
+    int64_t group_size, const std::optional<at::Tensor>& scales, c10::string_view scales_update,
+    bool act_order, int64_t block_size, double alpha, bool narrow_range,
+    const std::optional<at::Tensor>& stats) {
+  check_common(W, H, &G, bits, group_size, scales, block_size, stats);
+  TORCH_CHECK(std::isfinite(alpha) && alpha >= 0, "alpha: expected a finite value >= 0, got ",
+              alpha);
+  Ctx c;
+  c.op = "qronos";
+  auto Hfix = setup(c, W, H, &G, bits, group_size, scales, scales_update, act_order, narrow_range);
+  const double base = mean_diag(Hfix);
+  const int64_t D = c.D;
+  const double lmax = lambda_max(H.to(c.cd));
+
+  // With M = H + lambda I and M' = M[1:,1:]: U' = upper Cholesky factor of S = M'^-1, the inverse
+  // used by the ridge re-solve (step 1b, S = U'^T U') and by the sweep of steps 2+ (ALGORITHM
+  // §5.2; Brevitas gets S as a Schur complement of M^-1, the same matrix). M itself is positive
+  // definite iff M' is and its Schur complement M00 - m^T S m = M00 - |U' m|^2 is positive.
+  at::Tensor Ur;
+  auto factor = [&](double lam) {
+    const double m00 = Hfix[0][0].item<double>() + lam;
+    if (!(m00 > 0)) return false;
+    if (D == 1) return true;
+    auto Mr = Hfix.narrow(0, 1, D - 1).narrow(1, 1, D - 1).clone();
+    Mr.diagonal().add_(lam);
+    Ur = upper_chol_of_inverse(Mr);
+    if (!Ur.defined()) return false;
+    auto m = Hfix.select(1, 0).narrow(0, 1, D - 1);
+    return m00 - at::mv(Ur, m).to(at::kDouble).pow(2).sum().item<double>() > 0;
+  };
+  const bool ok = factor_with_escalation("qronos", alpha * std::max(lmax, 0.0), base, factor,
+                                         c.lambda);
+  c.fallback = !ok;
+  const bool groups = is_group_update(c.update);
+  if (ok) {
+    // Step 1: least-squares value of column 0 given the others (target X w, G = X~^T X).
+    const double h00 = Hfix[0][0].item<double>();
+    auto v0 = at::mv(c.Wo, c.Gp.select(0, 0));
+    if (D > 1) v0.sub_(at::mv(c.Wp.narrow(1, 1, D - 1), c.Hp.select(0, 0).narrow(0, 1, D - 1)));
+    c.Wp.select(1, 0).copy_(v0.div_(h00));
+    // Group 0's scale is fixed here: after step 1, before step 1b re-solves the other columns
+    // (the Qronos timing of ALGORITHM §4.3); its PiSO_S term is evaluated explicitly.
+    if (groups) update_group_scale(c, 0, /*explicit_seq=*/true);
+    auto Ufull = at::zeros({D, D}, c.Wp.options());
+    Ufull[0][0] = 1;
+    if (D > 1) Ufull.narrow(0, 1, D - 1).narrow(1, 1, D - 1).copy_(Ur);
+    c.Err = at::empty({c.N, 1}, c.Wp.options());
+    run_columns(c, Ufull, 0, 1, 0, 1);
+    if (D > 1) {
+      // Step 1b: ridge re-solve of the remaining columns toward w given q_0.
+      auto rhs = at::mm(c.Wo, c.Gp.narrow(0, 1, D - 1).t());
+      rhs.add_(c.Wo.narrow(1, 1, D - 1), c.lambda);
+      rhs.sub_(at::outer(c.Wp.select(1, 0), c.Hp.select(1, 0).narrow(0, 1, D - 1)));
+      c.Wp.narrow(1, 1, D - 1).copy_(at::mm(at::mm(rhs, Ur.t()), Ur));  // rhs S, S = U'^T U'
+      Hfix = at::Tensor();
+      // Steps 2+: GPTQ sweep on the remaining columns with U' (index shifted by one).
+      sweep(c, Ufull, 1, block_size);
+    }
+  } else {
+    Hfix = at::Tensor();
+    sweep(c, at::eye(D, c.Wp.options()), 0, block_size);
+  }
+  if (stats.has_value()) write_stats(stats, c.lambda, base, !ok, explicit_loss(c));
+  return finish(c, W);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(piso, CPU, m) {
+  m.impl("gptq", &gptq_impl);
+  m.impl("qronos", &qronos_impl);
+}
+
+#ifdef PISO_WITH_CUDA
+TORCH_LIBRARY_IMPL(piso, CUDA, m) {
+  m.impl("gptq", &gptq_impl);
+  m.impl("qronos", &qronos_impl);
+}
+#endif
+
+}  // namespace piso

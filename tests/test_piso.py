@@ -1,0 +1,448 @@
+"""PiSO ops (optimal_scales, quantize_rtn, _piso_sweep) against the float64 reference
+torch_piso/reference/piso.py (brute force over s, objectives, RTN)."""
+import itertools
+import zlib
+
+import pytest
+import torch
+
+import torch_piso  # noqa: F401
+from torch_piso.reference import piso as ref
+from conftest import requires_cuda
+
+ops = torch.ops.piso
+f64 = torch.float64
+
+
+def spd(D, gen, dead=()):
+    A = torch.randn(D, D + 3, dtype=f64, generator=gen)
+    H = A @ A.T / D + 0.05 * torch.eye(D, dtype=f64)
+    for i in dead:
+        H[i, :] = 0
+        H[:, i] = 0
+    return H
+
+
+def make_W(kind, N, D, gen, dtype=f64):
+    if kind == "gauss":
+        W = torch.randn(N, D, dtype=f64, generator=gen)
+    elif kind == "ties":  # few distinct magnitudes: exact ties, also across levels (0.25*3 == 0.75)
+        vals = torch.tensor([-0.75, -0.5, -0.25, 0.25, 0.5, 0.75, 1.5, 0.0], dtype=f64)
+        W = vals[torch.randint(0, len(vals), (N, D), generator=gen)]
+    elif kind == "bf16":  # bf16-valued weights (8-bit mantissa): frequent coincidences
+        W = (torch.randn(N, D, dtype=f64, generator=gen) * 0.05).to(torch.bfloat16).to(f64)
+    else:
+        raise ValueError(kind)
+    return W.to(dtype)
+
+
+def H_variant(kind, D, gen):
+    if kind == "identity":
+        return None
+    if kind == "diag":
+        return torch.rand(D, dtype=f64, generator=gen) + 0.1
+    return spd(D, gen)
+
+
+def tol(e_ref):
+    return 1e-5 + 1e-6 * e_ref.abs()
+
+
+# ------------------------------------------------------------------------------------------------
+# Exactness against brute force
+# ------------------------------------------------------------------------------------------------
+CASES = list(itertools.product([2, 3, 4, 8], ["identity", "diag", "dense"], ["gauss", "ties", "bf16"]))
+
+
+@pytest.mark.parametrize("bits,hkind,wkind", CASES)
+def test_optimal_scales_no_worse_than_brute_force(bits, hkind, wkind):
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{bits}{hkind}{wkind}".encode()))
+    for trial in range(3):
+        D = [1, 5, 17, 64][(trial + bits) % 4] if bits < 8 else [1, 6, 24][trial]
+        narrow = trial == 1
+        W = make_W(wkind, 3, D, gen, dtype=f64 if trial != 2 else torch.float32)
+        H = H_variant(hkind, D, gen)
+        G = torch.randn(D, D, dtype=f64, generator=gen) if (trial == 0 and hkind == "dense") else None
+        s = ops.optimal_scales(W, H, G, bits, narrow_range=narrow)
+        assert s.dtype == (f64 if W.dtype == f64 else torch.float32)
+        assert (s > 0).all()
+        e = ref.objective(W, s, H, G, bits, narrow)
+        e_b, _ = ref.brute_force_scales(W, H, G, bits, narrow, n=1500)
+        assert (e <= e_b + tol(e_b)).all(), (e, e_b)
+
+
+@pytest.mark.parametrize("algorithm", ["sequential", "event_parallel"])
+@pytest.mark.parametrize("dtype", [f64, torch.float32])
+def test_sweep_objective_is_the_objective_at_the_returned_scale(algorithm, dtype):
+    """The scale, in its returned dtype, reproduces the interval whose objective the sweep found
+    (RTN codes at that scale, recomputed by the reference, give the same E)."""
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(12):
+        bits = [2, 3, 4, 8][trial % 4]
+        qmin, qmax = ref.int_grid(bits, trial % 3 == 0)
+        D = [3, 16, 40][trial % 3]
+        W = make_W(["gauss", "ties", "bf16"][trial % 3], 5, D, gen, dtype)
+        H = H_variant(["dense", "diag", "identity"][trial % 3], D, gen)
+        lin = torch.randn(5, D, dtype=f64, generator=gen) if trial % 2 else ref._lin(W, H, None)
+        s, obj = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, algorithm)
+        assert s.dtype == (f64 if dtype == f64 else torch.float32) and obj.dtype == f64
+        e = ref.objective_lin(W, lin, s, H, qmin, qmax)
+        torch.testing.assert_close(obj, e, rtol=1e-9, atol=1e-9)
+        e_b, _ = ref.brute_force_lin(W, lin, H, qmin, qmax, n=1000)
+        assert (obj <= e_b + tol(e_b)).all()
+
+
+def test_float32_scale_reproduces_interval_codes_with_tiny_eps():
+    """eps = 0: the float32 scale must still sit strictly inside its interval (nextafter nudge), so
+    quantize_rtn at the returned scale gives the objective the sweep reports."""
+    gen = torch.Generator().manual_seed(2)
+    for bits in (2, 4):
+        qmin, qmax = ref.int_grid(bits)
+        W = make_W("bf16", 16, 12, gen, torch.float32)
+        H = spd(12, gen)
+        lin = ref._lin(W, H, None)
+        for eps in (0.0, 1e-12):
+            s, obj = ops._piso_sweep(W, lin, H, qmin, qmax, eps, "sequential")
+            codes, _ = ops.quantize_rtn(W, s, bits)
+            q = codes.to(f64)
+            s64 = s.to(f64)
+            e = s64 ** 2 * ((q @ H) * q).sum(1) - 2 * s64 * (q * lin).sum(1)
+            torch.testing.assert_close(obj, e, rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# Algorithms agree
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("hkind", ["identity", "diag", "dense"])
+def test_event_parallel_equals_sequential(hkind):
+    gen = torch.Generator().manual_seed(3)
+    for trial in range(10):
+        bits = [2, 3, 4, 8][trial % 4]
+        qmin, qmax = ref.int_grid(bits, trial % 5 == 0)
+        D = [1, 7, 33, 64][trial % 4]
+        dtype = f64 if trial % 2 else torch.float32
+        W = make_W(["gauss", "ties", "bf16"][trial % 3], 6, D, gen, dtype)
+        W[0] = 0  # all-zero row
+        H = H_variant(hkind, D, gen)
+        lin = torch.randn(6, D, dtype=f64, generator=gen)
+        s1, o1 = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, "sequential")
+        s2, o2 = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, "event_parallel")
+        torch.testing.assert_close(o2, o1, rtol=1e-9, atol=1e-12)
+        # equal scales, or a different scale with the same objective (a tie)
+        same = (s1 == s2) | torch.isclose(ref.objective_lin(W, lin, s2, H, qmin, qmax), o1,
+                                          rtol=1e-9, atol=1e-12)
+        assert same.all()
+
+
+def test_dense_equals_diagonal_when_H_is_diagonal():
+    gen = torch.Generator().manual_seed(4)
+    for bits in (2, 3, 4):
+        W = make_W("gauss", 8, 20, gen)
+        h = torch.rand(20, dtype=f64, generator=gen) + 0.1
+        s_diag = ops.optimal_scales(W, h, None, bits)
+        s_dense = ops.optimal_scales(W, torch.diag(h), None, bits)
+        torch.testing.assert_close(ref.objective(W, s_dense, h, None, bits),
+                                   ref.objective(W, s_diag, h, None, bits), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_known_scale_recovery(dense):
+    """w = s_opt * Q with Q on the grid and H = G = I: the optimum is s_opt (E = -|w|^2)."""
+    gen = torch.Generator().manual_seed(5)
+    for s_opt in (0.3, 1.5, 0.05):
+        Q = torch.randint(-8, 8, (4, 16), generator=gen).to(f64)
+        Q[:, 0] = -8  # makes the optimum unique
+        W = s_opt * Q
+        H = torch.eye(16, dtype=f64) if dense else torch.ones(16, dtype=f64)
+        s = ops.optimal_scales(W, H, None, 4)
+        torch.testing.assert_close(s, torch.full_like(s, s_opt), rtol=1e-6, atol=0)
+        s_free = ops.optimal_scales(W, None, None, 4)
+        torch.testing.assert_close(s_free, torch.full_like(s, s_opt), rtol=1e-6, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Degenerate rows
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("algorithm", ["sequential", "event_parallel"])
+def test_all_zero_row_gets_scale_one_and_dead_row_gets_absmax(algorithm):
+    gen = torch.Generator().manual_seed(6)
+    D = 10
+    H = spd(D, gen, dead=(2, 5))
+    W = torch.randn(3, D, dtype=f64, generator=gen)
+    W[0] = 0
+    W[1] = 0
+    W[1, 2], W[1, 5] = 0.7, -0.3  # only dead inputs: beta == 0 on every interval
+    s, obj = ops._piso_sweep(W, W @ H, H, -8, 7, 1e-9, algorithm)
+    assert s[0] == 1.0 and obj[0] == 0.0
+    assert s[1] == 0.7 / 8 and obj[1] == 0.0
+    assert s[2] > 0
+
+
+def test_scales_are_always_positive_even_when_negative_scale_would_fit():
+    gen = torch.Generator().manual_seed(7)
+    W = torch.tensor([[0.8, -0.7], [1.0, -1.0], [-3.0, 0.01]], dtype=f64)  # = -0.1 * [-8, 7] etc.
+    for H in (None, torch.ones(2, dtype=f64), torch.eye(2, dtype=f64), spd(2, gen)):
+        s = ops.optimal_scales(W, H, None, 4)
+        assert (s > 0).all()
+
+
+def test_dead_input_of_diagonal_H_never_breaks_the_row():
+    W = torch.tensor([[0.5, -0.2, 0.9]], dtype=f64)
+    h = torch.tensor([0.0, 1.0, 0.0], dtype=f64)
+    s = ops.optimal_scales(W, h, None, 3)
+    e_b, _ = ref.brute_force_scales(W, h, None, 3)
+    assert ref.objective(W, s, h, None, 3) <= e_b + tol(e_b)
+
+
+# ------------------------------------------------------------------------------------------------
+# Group-wise PiSO_I / PiSO_S
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("hkind", ["identity", "diag", "dense"])
+def test_piso_I_equals_channel_wise_on_each_group_slice(hkind):
+    gen = torch.Generator().manual_seed(8)
+    N, D, gs = 5, 24, 8
+    W = make_W("gauss", N, D, gen)
+    H = H_variant(hkind, D, gen)
+    G = torch.randn(D, D, dtype=f64, generator=gen) if hkind == "dense" else None
+    s = ops.optimal_scales(W, H, G, 3, group_size=gs)
+    assert s.shape == (N, D // gs)
+    for k in range(D // gs):
+        sl = slice(k * gs, (k + 1) * gs)
+        Hk = None if H is None else (H[sl] if H.dim() == 1 else H[sl, sl])
+        Gk = None if G is None else G[sl, sl]
+        s_k = ops.optimal_scales(W[:, sl].contiguous(), Hk, Gk, 3)
+        torch.testing.assert_close(s[:, k], s_k, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("hkind", ["identity", "diag"])
+def test_sequential_flag_is_ignored_for_identity_and_diagonal_H(hkind):
+    gen = torch.Generator().manual_seed(9)
+    W = make_W("gauss", 4, 16, gen)
+    H = H_variant(hkind, 16, gen)
+    torch.testing.assert_close(ops.optimal_scales(W, H, None, 4, 4, True),
+                               ops.optimal_scales(W, H, None, 4, 4, False), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_piso_S_each_step_is_exact_for_its_single_group_problem(cross):
+    """Replays the PiSO_S schedule (groups by descending sum diag H; processed groups at s q,
+    unprocessed at w) and checks every step against brute force on its single-group objective."""
+    gen = torch.Generator().manual_seed(10 + cross)
+    N, D, gs, bits = 4, 24, 6, 3
+    qmin, qmax = ref.int_grid(bits)
+    W = make_W("gauss", N, D, gen)
+    H = spd(D, gen)
+    H += torch.diag(torch.rand(D, dtype=f64, generator=gen) * 3)  # distinct group importances
+    G = H + 0.3 * torch.randn(D, D, dtype=f64, generator=gen) if cross else None
+    s = ops.optimal_scales(W, H, G, bits, gs, True)
+    order = torch.argsort(H.diagonal().reshape(-1, gs).sum(1), descending=True, stable=True)
+    W_hat = W.clone()
+    for k in order.tolist():
+        sl = slice(k * gs, (k + 1) * gs)
+        Hkk, b = ref.piso_s_step_problem(W, W_hat, H, G, k * gs, gs)
+        e = ref.objective_lin(W[:, sl], b, s[:, k], Hkk, qmin, qmax)
+        e_b, _ = ref.brute_force_lin(W[:, sl], b, Hkk, qmin, qmax, n=1500)
+        assert (e <= e_b + tol(e_b)).all(), (k, e, e_b)
+        _, W_hat[:, sl] = ref.quantize_rtn(W[:, sl], s[:, k], bits)
+
+
+def test_piso_S_full_objective_no_worse_than_piso_I_on_average():
+    gen = torch.Generator().manual_seed(11)
+    diffs = []
+    for trial in range(6):
+        N, D, gs, bits = 16, 32, 8, [2, 3, 4][trial % 3]
+        W = make_W("gauss", N, D, gen)
+        X = torch.randn(64, D, dtype=f64, generator=gen) @ (torch.eye(D, dtype=f64) + 0.5 * torch.randn(D, D, dtype=f64, generator=gen))
+        H = X.T @ X / 64
+        sI = ops.optimal_scales(W, H, None, bits, gs, False)
+        sS = ops.optimal_scales(W, H, None, bits, gs, True)
+        FI = ref.full_objective(W, sI, H, None, bits, gs)
+        FS = ref.full_objective(W, sS, H, None, bits, gs)
+        diffs.append((FS - FI).mean().item())
+    assert sum(diffs) / len(diffs) < 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Dtypes
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_W_equals_its_float32_values(dtype):
+    gen = torch.Generator().manual_seed(12)
+    W = torch.randn(6, 16, generator=gen).to(dtype)
+    H = spd(16, gen).float()
+    s = ops.optimal_scales(W, H, None, 4)
+    assert s.dtype == torch.float32
+    torch.testing.assert_close(s, ops.optimal_scales(W.float(), H, None, 4), rtol=0, atol=0)
+    codes, W_hat = ops.quantize_rtn(W, s, 4)
+    assert W_hat.dtype == dtype and codes.dtype == torch.int8
+
+
+def test_float32_H_and_G_match_float64_reference():
+    gen = torch.Generator().manual_seed(13)
+    W = torch.randn(6, 20, generator=gen)
+    H = spd(20, gen).float()
+    G = torch.randn(20, 20, generator=gen)
+    s = ops.optimal_scales(W, H, G, 3)
+    e = ref.objective(W, s, H, G, 3)
+    e_b, _ = ref.brute_force_scales(W, H, G, 3)
+    assert (e <= e_b + tol(e_b)).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# quantize_rtn
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("group_size", [-1, 4])
+@pytest.mark.parametrize("narrow", [False, True])
+def test_quantize_rtn_matches_reference(group_size, narrow):
+    gen = torch.Generator().manual_seed(14)
+    W = torch.randn(5, 12, generator=gen)
+    shape = (5,) if group_size == -1 else (5, 3)
+    s = torch.rand(shape, generator=gen) * 0.3 + 0.05
+    for bits in (2, 4, 8):
+        codes, W_hat = ops.quantize_rtn(W, s, bits, group_size, narrow)
+        rc, rW = ref.quantize_rtn(W, s, bits, group_size, narrow)
+        assert torch.equal(codes, rc) and torch.equal(W_hat, rW)
+        qmin, qmax = ref.int_grid(bits, narrow)
+        assert codes.min() >= qmin and codes.max() <= qmax
+
+
+def test_quantize_rtn_rejects_nonpositive_or_nonfinite_scales():
+    W = torch.randn(3, 4)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        s = torch.ones(3)
+        s[1] = bad
+        with pytest.raises(RuntimeError, match="scales"):
+            ops.quantize_rtn(W, s, 4)
+    with pytest.raises(RuntimeError, match="scales"):
+        ops.quantize_rtn(W, torch.ones(3, 2), 4, 4)  # wrong group count
+    with pytest.raises(RuntimeError, match="scales"):
+        ops.quantize_rtn(W, torch.ones(4), 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# opcheck and bad input
+# ------------------------------------------------------------------------------------------------
+def test_opcheck_optimal_scales_quantize_rtn_and_sweep():
+    gen = torch.Generator().manual_seed(15)
+    W = torch.randn(4, 8, generator=gen)
+    H = spd(8, gen).float()
+    for args in [(W, H, None, 4), (W, None, None, 3, 4), (W, H, H.T.contiguous(), 2, 4, True),
+                 (W.double(), H.diagonal().double(), None, 4)]:
+        torch.library.opcheck(ops.optimal_scales.default, args)
+    s = ops.optimal_scales(W, H, None, 4)
+    torch.library.opcheck(ops.quantize_rtn.default, (W, s, 4))
+    torch.library.opcheck(ops.quantize_rtn.default, (W, torch.rand(4, 2) + 0.1, 4, 4, True))
+    lin = W.double() @ H.double()
+    torch.library.opcheck(ops._piso_sweep.default, (W, lin, H, -8, 7, 1e-9, "sequential"))
+    torch.library.opcheck(ops._piso_sweep.default, (W, lin, H, -8, 7, 1e-9, "event_parallel"))
+
+
+def _bad_optimal_scales_cases():
+    W = torch.randn(4, 8)
+    H = torch.eye(8)
+    nanW = W.clone()
+    nanW[0, 0] = float("nan")
+    infH = H.clone()
+    infH[1, 1] = float("inf")
+    nanG = H.clone()
+    nanG[0, 3] = float("nan")
+    return [
+        ("W", (torch.randn(8), H, None, 4)),
+        ("W", (torch.randn(2, 4, 8), None, None, 4)),
+        ("W", (torch.randint(0, 3, (4, 8)), None, None, 4)),
+        ("W", (torch.empty(0, 8), None, None, 4)),
+        ("W", (nanW, None, None, 4)),
+        ("H", (W, torch.eye(7), None, 4)),
+        ("H", (W, torch.ones(8, 8, 8), None, 4)),
+        ("H", (W, torch.ones(8, dtype=torch.bfloat16), None, 4)),
+        ("H", (W, infH, None, 4)),
+        ("G", (W, H, torch.ones(8), 4)),
+        ("G", (W, H, torch.ones(8, 7), 4)),
+        ("G", (W, H, nanG, 4)),
+        ("G", (W, H, torch.ones(8, 8, dtype=torch.int32), 4)),
+        ("bits", (W, H, None, 1)),
+        ("bits", (W, H, None, 9)),
+        ("group_size", (W, H, None, 4, 3)),
+        ("group_size", (W, H, None, 4, 0)),
+        ("group_size", (W, H, None, 4, -2)),
+        ("eps", (W, H, None, 4, -1, False, -1.0)),
+    ]
+
+
+@pytest.mark.parametrize("name,args", _bad_optimal_scales_cases())
+def test_optimal_scales_rejects_bad_input_naming_the_argument(name, args):
+    with pytest.raises(RuntimeError, match=name):
+        ops.optimal_scales(*args)
+
+
+def test_piso_sweep_and_quantize_rtn_reject_bad_input():
+    W = torch.randn(4, 8)
+    lin = torch.randn(4, 8, dtype=f64)
+    with pytest.raises(RuntimeError, match="lin"):
+        ops._piso_sweep(W, lin[:, :7], None, -8, 7)
+    with pytest.raises(RuntimeError, match="algorithm"):
+        ops._piso_sweep(W, lin, None, -8, 7, 1e-9, "fast")
+    with pytest.raises(RuntimeError, match="qmin"):
+        ops._piso_sweep(W, lin, None, 0, 7)
+    with pytest.raises(RuntimeError, match="H"):
+        ops._piso_sweep(W, lin, torch.eye(5), -8, 7)
+    with pytest.raises(RuntimeError, match="W"):
+        ops.quantize_rtn(torch.randn(8), torch.ones(8), 4)
+    with pytest.raises(RuntimeError, match="bits"):
+        ops.quantize_rtn(W, torch.ones(4), 10)
+    with pytest.raises(RuntimeError, match="group_size"):
+        ops.quantize_rtn(W, torch.ones(4, 3), 4, 3)
+
+
+def test_devices_must_match():
+    """Mixed devices are rejected (here CPU with meta, which reaches the fake kernel; the CUDA kernel
+    check is covered by test_cuda_optimal_scales_and_quantize_rtn_equal_cpu)."""
+    W = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="device"):
+        ops.optimal_scales(W, torch.eye(8, device="meta"), None, 4)
+    with pytest.raises(RuntimeError, match="device"):
+        ops.quantize_rtn(W, torch.ones(4, device="meta"), 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA == CPU
+# ------------------------------------------------------------------------------------------------
+@requires_cuda
+@pytest.mark.parametrize("hkind", ["identity", "diag", "dense"])
+def test_cuda_event_parallel_equals_cpu_sequential(hkind):
+    gen = torch.Generator().manual_seed(16)
+    for trial in range(8):
+        bits = [2, 3, 4, 8][trial % 4]
+        qmin, qmax = ref.int_grid(bits)
+        D = [5, 33, 64, 130][trial % 4]
+        dtype = f64 if trial % 2 else torch.float32
+        W = make_W(["gauss", "ties", "bf16"][trial % 3], 9, D, gen, dtype)
+        W[0] = 0
+        H = H_variant(hkind, D, gen)
+        lin = torch.randn(9, D, dtype=f64, generator=gen)
+        s1, o1 = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, "sequential")
+        s2, o2 = ops._piso_sweep(W.cuda(), lin.cuda(), None if H is None else H.cuda(), qmin, qmax)
+        torch.testing.assert_close(o2.cpu(), o1, rtol=1e-9, atol=1e-12)
+        e2 = ref.objective_lin(W, lin, s2.cpu(), H, qmin, qmax)
+        torch.testing.assert_close(e2, o1, rtol=1e-9, atol=1e-12)
+
+
+@requires_cuda
+def test_cuda_optimal_scales_and_quantize_rtn_equal_cpu():
+    gen = torch.Generator().manual_seed(17)
+    W = torch.randn(16, 64, generator=gen)
+    H = spd(64, gen).float()
+    for gs, seq in [(-1, False), (16, False), (16, True)]:
+        s_cpu = ops.optimal_scales(W, H, None, 3, gs, seq)
+        s_gpu = ops.optimal_scales(W.cuda(), H.cuda(), None, 3, gs, seq)
+        if gs == -1:
+            torch.testing.assert_close(ref.objective(W, s_gpu.cpu(), H, None, 3),
+                                       ref.objective(W, s_cpu, H, None, 3), rtol=1e-6, atol=1e-8)
+        else:
+            torch.testing.assert_close(ref.full_objective(W, s_gpu.cpu(), H, None, 3, gs),
+                                       ref.full_objective(W, s_cpu, H, None, 3, gs), rtol=1e-6, atol=1e-8)
+        codes_c, what_c = ops.quantize_rtn(W, s_cpu, 3, gs)
+        codes_g, what_g = ops.quantize_rtn(W.cuda(), s_cpu.cuda(), 3, gs)
+        assert torch.equal(codes_c, codes_g.cpu()) and torch.equal(what_c, what_g.cpu())
+    with pytest.raises(RuntimeError, match="device"):
+        ops.optimal_scales(W.cuda(), H, None, 3)
