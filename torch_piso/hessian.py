@@ -26,6 +26,8 @@ Usage (cross objective, Qronos / RTN style): run each batch once per pass, in ei
                 block(x_q)                  # quantized weights
     H, G, T = hc.pop("mlp.down_proj")
 
+The float pass may also run through a separate float copy of the modules:
+``hc.pass_("float", root=block_fp)`` hooks block_fp's modules of the same names for that pass.
 The k-th input a module receives in the float pass is paired with its k-th input in the quant pass
 (tokens 1:1, same count). Whichever side arrives first is held (on its device, or on
 ``pending_device``) until its partner arrives; then G is accumulated and the held tensor released.
@@ -139,6 +141,7 @@ class HessianCollector:
         self._pass: Optional[str] = None
         self._pass_id = 0
         self._active = False
+        self._alt_root = False
 
     # ------------------------------------------------------------------------------------------
     # selection
@@ -224,9 +227,13 @@ class HessianCollector:
         self._by_input.clear()
 
     @contextmanager
-    def pass_(self, kind: str):
+    def pass_(self, kind: str, root: Optional[nn.Module] = None):
         """Forwards inside are the "float" pass (X: quantization disabled) or the "quant" pass
-        (X̃: the partially quantized model). H comes from the quant pass; G pairs the two."""
+        (X̃: the partially quantized model). H comes from the quant pass; G pairs the two.
+
+        root: run this pass through another copy of the hooked modules (e.g. a float copy of the
+        block): its modules with the hooked names are hooked for the duration of the pass and the
+        collector's own hooks pause. Names and in_features must match."""
         if kind not in ("float", "quant"):
             raise ValueError(f"pass_: expected 'float' or 'quant', got {kind!r}")
         if not self._active:
@@ -235,21 +242,39 @@ class HessianCollector:
             raise RuntimeError("pass_('float'): the float pass feeds G; build the collector with cross=True")
         if self._pass is not None:
             raise RuntimeError(f"pass_({kind!r}): already inside pass_({self._pass!r})")
+        alt_handles = []
+        if root is not None and root is not self.root:
+            mods = dict(root.named_modules())
+            for name, m in self._modules.items():
+                if name in self._freed:
+                    continue
+                other = mods.get(name)
+                if other is None or getattr(other, "in_features", None) != m.in_features:
+                    raise ValueError(f"pass_(root=...): root has no module {name!r} with "
+                                     f"in_features={m.in_features}")
+                alt_handles.append(other.register_forward_pre_hook(self._make_hook(name, primary=False),
+                                                                   with_kwargs=True))
         self._pass = kind
+        self._alt_root = bool(alt_handles)
         self._pass_id += 1
         ok = False
         try:
             yield self
             ok = True
         finally:
+            for h in alt_handles:
+                h.remove()
             self._pass = None
+            self._alt_root = False
             self._pass_id += 1
             self._by_input.clear()
         if ok:
             self._check_groups_complete()
 
-    def _make_hook(self, name):
+    def _make_hook(self, name, primary=True):
         def hook(module, args, kwargs):
+            if primary and self._alt_root:
+                return None  # this pass runs through another root
             x = args[0] if args else kwargs.get("input")
             if not isinstance(x, Tensor):
                 raise TypeError(f"HessianCollector: {name!r} got a non-tensor input {type(x).__name__}")
@@ -286,6 +311,8 @@ class HessianCollector:
                 return
             acc = _Acc(D=D, device=self._acc_device(module, x), dtype=self.dtype, members=[name])
             self._acc[name] = acc
+        elif acc.D != D:
+            raise ValueError(f"HessianCollector: {name!r} has in_features={D}, its accumulator {acc.D}")
         elif hit is acc and name not in acc.current.consumers:
             acc.current.consumers.add(name)  # the shared input was already accumulated
             return

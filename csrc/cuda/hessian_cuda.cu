@@ -40,14 +40,21 @@ cudaDataType_t cuda_dtype(at::ScalarType st) {
   }
 }
 
+// Leading dimension of a row-major matrix with unit column stride. A single-row tensor counts as
+// contiguous whatever its row stride (even 0), but cuBLAS requires ld >= the row length.
+int64_t row_ld(const at::Tensor& t) {
+  return t.size(0) > 1 ? t.stride(0) : std::max<int64_t>(t.size(1), 1);
+}
+
 // C = beta * C + X[:, xi0:xi0+m]^T Y[:, yj0:yj0+n] with X, Y row-major [k, *] of one dtype and C a
 // row-major [m, n] view (unit column stride) in float32/float64.
 // cuBLAS is column-major: row-major C with leading dimension ldc is the column-major [n, m] matrix
 // C^T = Y_cm[yj0:, :] * X_cm[xi0:, :]^T, where X_cm is X read column-major ([*, k], ld = X.stride(0)).
 void gemm_tn(const at::Tensor& X, int64_t xi0, int64_t m, const at::Tensor& Y, int64_t yj0,
              int64_t n, const at::Tensor& C, bool accumulate) {
-  TORCH_INTERNAL_ASSERT(X.scalar_type() == Y.scalar_type() && X.stride(1) == 1 &&
-                        Y.stride(1) == 1 && C.stride(1) == 1 && C.size(0) == m && C.size(1) == n);
+  TORCH_INTERNAL_ASSERT(X.scalar_type() == Y.scalar_type() && C.size(0) == m && C.size(1) == n);
+  TORCH_INTERNAL_ASSERT((X.stride(1) == 1 || X.size(1) <= 1) && (Y.stride(1) == 1 || Y.size(1) <= 1) &&
+                        (C.stride(1) == 1 || C.size(1) <= 1));
   const int64_t k = X.size(0);
   if (m == 0 || n == 0 || k == 0) return;
   const auto in_t = cuda_dtype(X.scalar_type());
@@ -60,16 +67,16 @@ void gemm_tn(const at::Tensor& X, int64_t xi0, int64_t m, const at::Tensor& Y, i
     TORCH_INTERNAL_ASSERT(X.scalar_type() == at::kDouble);
     const double alpha = 1.0, beta = accumulate ? 1.0 : 0.0;
     TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_T, int(n), int(m), int(k), &alpha,
-                                      yp, in_t, int(Y.stride(0)), xp, in_t, int(X.stride(0)), &beta,
-                                      C.data_ptr(), out_t, int(C.stride(0)), CUBLAS_COMPUTE_64F,
+                                      yp, in_t, int(row_ld(Y)), xp, in_t, int(row_ld(X)), &beta,
+                                      C.data_ptr(), out_t, int(row_ld(C)), CUBLAS_COMPUTE_64F,
                                       CUBLAS_GEMM_DEFAULT));
   } else {
     const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
     const cublasComputeType_t compute =
         X.scalar_type() == at::kFloat ? CUBLAS_COMPUTE_32F_PEDANTIC : CUBLAS_COMPUTE_32F;
     TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_T, int(n), int(m), int(k), &alpha,
-                                      yp, in_t, int(Y.stride(0)), xp, in_t, int(X.stride(0)), &beta,
-                                      C.data_ptr(), out_t, int(C.stride(0)), compute,
+                                      yp, in_t, int(row_ld(Y)), xp, in_t, int(row_ld(X)), &beta,
+                                      C.data_ptr(), out_t, int(row_ld(C)), compute,
                                       CUBLAS_GEMM_DEFAULT));
   }
 }
