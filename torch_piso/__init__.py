@@ -38,6 +38,7 @@ def __getattr__(name):
     # Heavier modules (transformers, safetensors) load only when used.
     table = {
         "HessianCollector": "hessian",
+        "Hessians": "hessian",
     }
     if name in table:
         return getattr(_lazy(table[name]), name)

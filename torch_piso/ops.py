@@ -24,22 +24,52 @@ def _scale_dtype(W: Tensor) -> torch.dtype:
 # Hessian accumulation
 # ---------------------------------------------------------------------------------------------
 def hessian_accumulate_(H: Tensor, x: Tensor) -> None:
-    """``H += xᵀx`` for x of shape [..., D]; H is [D, D] float32/float64 (the accumulation dtype)."""
+    """``H += xᵀx`` for x of shape [..., D]; H is [D, D] float32/float64 (the accumulation dtype).
+
+    x may be float16/bfloat16/float32/float64 with any strides (a non-contiguous x is copied once);
+    H must be contiguous. Zero tokens is a no-op; NaN/Inf in x raise before H is touched. The update
+    is computed on the block-upper triangle and mirrored, so it is exactly symmetric. CUDA: cuBLAS
+    reads bf16/fp16/fp32 x natively into a float32 H (fp32 never rounded to TF32)."""
     _lib.hessian_accumulate_(H, x)
 
 
 def cross_accumulate_(G: Tensor, x_q: Tensor, x_fp: Tensor) -> None:
-    """``G += x_qᵀ x_fp`` (quantized-model inputs against the paired float-model inputs)."""
+    """``G += x_qᵀ x_fp``: quantized-model inputs against the paired float-model inputs, so rows of
+    G index x_q's features (G = X̃ᵀX of ALGORITHM.md §1.2). Same argument rules as
+    :func:`hessian_accumulate_`; x_q and x_fp must hold the same number of tokens."""
     _lib.cross_accumulate_(G, x_q, x_fp)
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_accumulate_fake(H, hname, x, xname):
+    # The C++ kernels' shape/dtype/device checks, so that fake (meta) tensors fail like real ones.
+    torch._check(H.dim() == 2 and H.shape[0] == H.shape[1],
+                 lambda: f"{hname}: expected a square [D, D] matrix, got shape {tuple(H.shape)}")
+    torch._check(H.dtype in (torch.float32, torch.float64),
+                 lambda: f"{hname}: expected float32 or float64 (its dtype is the accumulation precision), got {H.dtype}")
+    torch._check(x.dtype in _FLOATS,
+                 lambda: f"{xname}: expected float16, bfloat16, float32 or float64, got {x.dtype}")
+    torch._check(x.dim() >= 1, lambda: f"{xname}: expected shape [..., D], got a 0-D tensor")
+    torch._check(x.shape[-1] == H.shape[0],
+                 lambda: f"{xname}: last dimension {x.shape[-1]} does not match {hname} of shape {tuple(H.shape)}")
+    torch._check(H.device == x.device,
+                 lambda: f"{hname} and {xname} must be on the same device, got {H.device} and {x.device}")
 
 
 @torch.library.register_fake("piso::hessian_accumulate_")
 def _(H, x):
+    _check_accumulate_fake(H, "H", x, "x")
     return None
 
 
 @torch.library.register_fake("piso::cross_accumulate_")
 def _(G, x_q, x_fp):
+    _check_accumulate_fake(G, "G", x_q, "x_q")
+    _check_accumulate_fake(G, "G", x_fp, "x_fp")
+    torch._check(x_q.numel() // max(x_q.shape[-1], 1) == x_fp.numel() // max(x_fp.shape[-1], 1),
+                 lambda: "x_q and x_fp: expected the same number of paired tokens")
     return None
 
 

@@ -52,3 +52,33 @@ TEST(CrossAccumulate, MatchesFloat64Reference) {
   auto xf_short = at::randn({3, 31});
   EXPECT_THROW(piso::cross_accumulate_(G, xq, xf_short), c10::Error);
 }
+
+TEST(HessianAccumulate, NonContiguousXGivesTheContiguousResult) {
+  auto base = at::randn({40, 2 * 37}, at::kFloat);
+  auto x = base.slice(1, 0, 2 * 37, 2);  // every other column: non-contiguous
+  ASSERT_FALSE(x.is_contiguous());
+  auto H = at::zeros({37, 37}, at::kFloat);
+  auto Hc = at::zeros({37, 37}, at::kFloat);
+  piso::hessian_accumulate_(H, x);
+  piso::hessian_accumulate_(Hc, x.contiguous());
+  EXPECT_TRUE(at::equal(H, Hc));
+}
+
+TEST(HessianAccumulate, EmptyBatchIsANoOp) {
+  auto H = at::randn({6, 6}, at::kDouble);
+  auto H0 = H.clone();
+  piso::hessian_accumulate_(H, at::empty({0, 6}, at::kFloat));
+  EXPECT_TRUE(at::equal(H, H0));
+}
+
+TEST(HessianAccumulate, RejectsNonContiguousHAndIntegerX) {
+  auto H = at::zeros({8, 8}, at::kFloat).t();
+  auto x = at::randn({4, 8});
+  EXPECT_THROW(piso::hessian_accumulate_(H, x), c10::Error);
+  auto H2 = at::zeros({8, 8}, at::kFloat);
+  EXPECT_THROW(piso::hessian_accumulate_(H2, at::ones({4, 8}, at::kInt)), c10::Error);
+  auto xinf = at::randn({4, 8}).to(at::kBFloat16);
+  xinf[3][7] = INFINITY;
+  EXPECT_THROW(piso::hessian_accumulate_(H2, xinf), c10::Error);
+  EXPECT_TRUE(at::equal(H2, at::zeros({8, 8}, at::kFloat)));  // untouched by the rejected call
+}
