@@ -139,4 +139,9 @@ def _(packed, bits, in_features):
 
 @torch.library.register_fake("piso::dequant_matmul")
 def _(x, packed, scales, bits, group_size, in_features, bias=None):
+    # The dispatcher sends mixed meta/real inputs here: keep the kernels' device check.
+    for name, t in (("packed", packed), ("scales", scales), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"x and {name} must be on the same device, got {x.device} and "
+                               f"{name} on {t.device}")
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
