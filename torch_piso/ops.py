@@ -203,3 +203,50 @@ def _(W, H, G, bits, group_size=-1, scales=None, scales_update="none", act_order
       block_size=128, alpha=1e-6, narrow_range=False, stats=None):
     _check_fake_devices(W=W, H=H, G=G, scales=scales)
     return _ec_fake(W, bits, group_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed storage for QuantLinear (layout: csrc/qlinear_common.h)
+# ---------------------------------------------------------------------------------------------
+def packed_words(in_features: int, bits: int) -> int:
+    """int32 words per packed row: ceil(in_features * bits / 32)."""
+    return (in_features * bits + 31) // 32
+
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """int8 codes [N, D] on the signed grid of ``bits`` -> int32 [N, ceil(D*bits/32)] (dense per-row
+    little-endian bitstream of ``code + 2**(bits-1)``)."""
+    return _lib.pack(codes, bits)
+
+
+def unpack(packed: Tensor, bits: int, in_features: int) -> Tensor:
+    """Inverse of :func:`pack`: int32 [N, W] -> int8 codes [N, in_features]."""
+    return _lib.unpack(packed, bits, in_features)
+
+
+def dequant_matmul(x: Tensor, packed: Tensor, scales: Tensor, bits: int, group_size: int,
+                   in_features: int, bias: Optional[Tensor] = None) -> Tensor:
+    """``y = x @ (scale * code)ᵀ + bias`` for x [..., in_features] -> [..., N] in x's dtype, accumulated
+    in float32 (float64 for float64 x), without materializing the dense weight."""
+    return _lib.dequant_matmul(x, packed, scales, bits, group_size, in_features, bias)
+
+
+@torch.library.register_fake("piso::pack")
+def _(codes, bits):
+    N, D = codes.shape
+    return codes.new_empty((N, (D * bits + 31) // 32), dtype=torch.int32)
+
+
+@torch.library.register_fake("piso::unpack")
+def _(packed, bits, in_features):
+    return packed.new_empty((packed.shape[0], in_features), dtype=torch.int8)
+
+
+@torch.library.register_fake("piso::dequant_matmul")
+def _(x, packed, scales, bits, group_size, in_features, bias=None):
+    # The dispatcher sends mixed meta/real inputs here: keep the kernels' device check.
+    for name, t in (("packed", packed), ("scales", scales), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"x and {name} must be on the same device, got {x.device} and "
+                               f"{name} on {t.device}")
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))

@@ -1,0 +1,83 @@
+"""dequant_matmul vs a dense float32 matmul on CPU for one square layer.
+
+    python benchmarks/bench_qlinear.py [--dim 2048] [--tokens 1 512] [--bits 4 3] [--group-size 128]
+
+Reports the median time of each and the ratio (quantized / dense; < 1 means the packed layer is
+faster), plus the weight memory of both. Keep runs short: the numbers are for the README.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import shlex
+import sys
+import time
+
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+import torch_piso  # noqa: E402,F401
+from torch_piso.reference.qlinear import absmax_scales, quantize_rtn_reference  # noqa: E402
+
+
+def median_time(fn, min_time=0.5, max_reps=200):
+    fn()  # warm-up (thread pools, first-touch of the scratch)
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (time.perf_counter() - start < min_time or len(times) < 5):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dim", type=int, default=2048)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 512])
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    ap.add_argument("--group-size", type=int, default=128, help="-1 for per channel")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    D = N = args.dim
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    print(f"machine : {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"command : python {' '.join(shlex.quote(a) for a in sys.argv)}")
+    print(f"date    : {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
+    print(f"layer   : {N} x {D}, group_size {args.group_size}, x float32")
+    print()
+    print(f"{'bits':>4} {'tokens':>6} {'dense ms':>9} {'quant ms':>9} {'ratio':>6} "
+          f"{'dense MB':>9} {'quant MB':>9}")
+
+    torch.manual_seed(0)
+    W = torch.randn(N, D) / D**0.5
+    gs = args.group_size
+    for bits in args.bits:
+        s = absmax_scales(W, bits, gs).float()
+        codes = quantize_rtn_reference(W, s, bits, gs)
+        packed = torch.ops.piso.pack(codes, bits)
+        for M in args.tokens:
+            x = torch.randn(M, D)
+            t_dense = median_time(lambda: torch.mm(x, W.t()))
+            t_q = median_time(lambda: torch.ops.piso.dequant_matmul(x, packed, s, bits, gs, D))
+            print(f"{bits:>4} {M:>6} {t_dense * 1e3:>9.3f} {t_q * 1e3:>9.3f} {t_q / t_dense:>6.2f} "
+                  f"{W.numel() * 4 / 2**20:>9.2f} "
+                  f"{(packed.numel() * 4 + s.numel() * 4) / 2**20:>9.2f}")
+
+
+if __name__ == "__main__":
+    main()
