@@ -139,13 +139,17 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
 }
 
 constexpr int kChunk = 8;
+#ifndef PISO_PANEL_BYTES
+#define PISO_PANEL_BYTES (512 * 1024)
+#endif
+constexpr int64_t kPanelBytes = PISO_PANEL_BYTES;
 
 // u[t] = (H q_before(t))_{coord[t]} for all T sorted events, cache-blocked (see the file comment).
 template <typename scalar_t>
 void dense_u(const scalar_t* H, int64_t d, int64_t T, Work& wk) {
   // Panel H[J, :] of about 512 KiB: stays in L2 while all events walk past it.
   const int64_t B = std::min<int64_t>(
-      d, std::max<int64_t>(kChunk, (512 * 1024) / (d * static_cast<int64_t>(sizeof(scalar_t)))));
+      d, std::max<int64_t>(kChunk, (kPanelBytes) / (d * static_cast<int64_t>(sizeof(scalar_t)))));
   const int32_t* coord = wk.coord.data();
   const double* dl = wk.dl.data();
   double* u = wk.u.data();
