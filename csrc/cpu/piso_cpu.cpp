@@ -171,16 +171,16 @@ void dense_u(const scalar_t* H, int64_t d, int64_t T, Work& wk) {
     int np = 0;
     for (int64_t t = t0; t < T; ++t) {
       const int32_t i = coord[t];
-      // (H_{:,J} q_J)_i: h_J plus the pending (not yet flushed) updates; unused slots have pd = 0.
+      // (H_{:,J} q_J)_i: h_J plus the pending (not yet flushed) updates. np changes only at the
+      // (rare, 1 in d/B) events of J, so this loop's trip count is well predicted.
       double v = h[i];
-      for (int c = 0; c < kChunk; ++c) v += pd[c] * double(rows[c][i]);
+      for (int c = 0; c < np; ++c) v += pd[c] * double(rows[c][i]);
       u[t] += v;
       if (static_cast<uint32_t>(i - J0) < nJ) {
         rows[np] = H + static_cast<int64_t>(i) * d;  // H[i, :] = H[:, i] (symmetric)
         pd[np] = dl[t];
         if (++np == kChunk) {
           add_rows8(h, rows, pd, d);
-          for (int c = 0; c < kChunk; ++c) pd[c] = 0.0;
           np = 0;
         }
       }
