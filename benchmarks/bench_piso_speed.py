@@ -74,6 +74,8 @@ def main() -> int:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"command : {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
     print(f"date    : {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')}")
+    if hasattr(os, "getloadavg"):  # shared machines: other jobs slow both PiSO and the GEMM
+        print(f"load    : {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1/5/15-min load average)")
     print("workload: optimal_scales(W [N, D] float32, H [D, D] float32 dense, G=None, bits), per channel")
     print()
 
