@@ -60,7 +60,8 @@ def main():
     print(f"# torch_piso GPTQ benchmark  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
     print(f"# command: python {' '.join(sys.argv)}")
     print(f"# machine: {platform.node()} {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+          f"load average {os.getloadavg()[0]:.1f}"
           + (f", GPU {torch.cuda.get_device_name()}" if "cuda" in devices else ""))
     print(f"# bits={args.bits}, float32, act_order, block_size=128; overheads with "
           f"group_size={args.group_size}")

@@ -361,3 +361,14 @@ def test_bad_inputs_raise_clear_errors(algo):
         gptq_op(W, H, 4, -1, None, "none", True, 16, -1.0)
     with pytest.raises(RuntimeError, match="alpha"):
         qronos_op(W, H, ok["G"], 4, -1, None, "none", True, 16, float("nan"))
+
+
+def test_gptq_and_qronos_match_reference_when_D_takes_the_blocked_triangular_inverse():
+    # D > 512: U comes from the recursive 2x2-block triangular inverse (csrc/gptq.cpp)
+    W, H, G = _problem(N=6, D=640, T=900, noise=0.02)
+    c, s, wh = gptq_op(W, H, 4, 64, None, "none", True, 128)
+    rc, rs, rwh = R.gptq(W, H, 4, 64, None, "none", True, 128)
+    _assert_same_codes(c, rc, wh, rwh)
+    c, s, wh = qronos_op(W, H, G, 4, -1, None, "none", True, 128)
+    rc, rs, rwh = R.qronos(W, H, G, 4, -1, None, "none", True, 128)
+    _assert_same_codes(c, rc, wh, rwh)

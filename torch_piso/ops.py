@@ -169,7 +169,13 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int = -1, scales: Optional
     layer_sequential (⊙*: PiSO_I / PiSO_S on H before the sweep), group / group_sequential /
     group_data_free (⊙†: each group's scale by PiSO_I / PiSO_S / data-free PiSO on the current,
     error-diffused weights just before its first column). ``stats`` (float64 [4], written):
-    [damping added, damping / mean diag H, 1 if fell back to RTN, layer loss on the undamped H]."""
+    [damping added, damping / mean diag H, 1 if fell back to RTN, layer loss on the undamped H].
+
+    ``scales`` ([N] or [N, D/group_size], > 0) are the starting scales (absmax of W when None);
+    "layer*" replaces them all, group modes replace each group's when the sweep reaches it. Work
+    dtype float64 for float64 W, else float32 (H is converted); codes = clamp(round_half_even(w/s))
+    with the division in float64. If H + damping does not factor, the damping is escalated x10 (up
+    to 6 times, TORCH_WARN); if it never factors the result is RTN with the current scales."""
     return _lib.gptq(W, H, bits, group_size, scales, scales_update, act_order, block_size, damp,
                      narrow_range, stats)
 

@@ -16,8 +16,10 @@
 // the updating coordinate: for each panel J of coordinates (H[J, :], ~512 KiB, stays in L2),
 //     h_J = H[:, J] q_J,   u_e += h_J[i_e]  for every event e,   h_J += delta H[:, j]  for e in J,
 // walking all events in sweep order; H is read from memory once per row instead of 2^(b-1) times.
-// Updates are batched 8 at a time (add_rows8: h loaded/stored once per 8 rows of H; reads in between
-// add the pending rows explicitly, chunk formula of ALGORITHM.md §2.9(c)).
+// Updates are applied one at a time: batching several rows per pass of h would need the pending
+// rows' entries H[j_c, i] at every read, a cache miss per pending row on large layers (measured:
+// 10x slower at d = 4096), while h itself stays in L1/L2 and the float->double conversion of H,
+// not the h traffic, bounds the add loop.
 // Float32 H is kept as float32 (half the traffic) and widened exactly to fp64 in the adds; h, u,
 // alpha, beta are fp64. Events are sorted with an LSD radix sort on the fp64 key bits (stable, so
 // ties keep coordinate order), several times faster than a comparison sort at these sizes.
@@ -108,44 +110,33 @@ int64_t build_events(const double* w, int64_t d, int64_t qmin, int64_t qmax, Wor
 }
 
 template <typename scalar_t>
-__attribute__((always_inline)) inline void add_rows8_body(double* __restrict h,
-                                                          const scalar_t* const* rows,
-                                                          const double* dl, int64_t n) {
-  const scalar_t* __restrict r0 = rows[0];
-  const scalar_t* __restrict r1 = rows[1];
-  const scalar_t* __restrict r2 = rows[2];
-  const scalar_t* __restrict r3 = rows[3];
-  const scalar_t* __restrict r4 = rows[4];
-  const scalar_t* __restrict r5 = rows[5];
-  const scalar_t* __restrict r6 = rows[6];
-  const scalar_t* __restrict r7 = rows[7];
-  const double d0 = dl[0], d1 = dl[1], d2 = dl[2], d3 = dl[3], d4 = dl[4], d5 = dl[5], d6 = dl[6],
-               d7 = dl[7];
-  for (int64_t j = 0; j < n; ++j) {
-    h[j] += ((d0 * double(r0[j]) + d1 * double(r1[j])) + (d2 * double(r2[j]) + d3 * double(r3[j]))) +
-            ((d4 * double(r4[j]) + d5 * double(r5[j])) + (d6 * double(r6[j]) + d7 * double(r7[j])));
-  }
+__attribute__((always_inline)) inline void add_row_body(double* __restrict h,
+                                                        const scalar_t* __restrict row, double dl,
+                                                        int64_t n) {
+  for (int64_t j = 0; j < n; ++j) h[j] += dl * double(row[j]);
 }
 
-// h[j] += sum_c dl[c] * rows[c][j], 8 rows (unused slots: dl 0 on a valid row). The hottest loop
-// of the library on CPU; cloned for AVX-512 / AVX2 / baseline.
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void add_rows8(
-    double* h, const float* const* rows, const double* dl, int64_t n) {
-  add_rows8_body<float>(h, rows, dl, n);
+// h[j] += dl * row[j]: the hottest loop of the library on CPU; cloned for AVX-512 / AVX2 / baseline.
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void add_row(
+    double* h, const float* row, double dl, int64_t n) {
+  add_row_body<float>(h, row, dl, n);
 }
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void add_rows8(
-    double* h, const double* const* rows, const double* dl, int64_t n) {
-  add_rows8_body<double>(h, rows, dl, n);
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void add_row(
+    double* h, const double* row, double dl, int64_t n) {
+  add_row_body<double>(h, row, dl, n);
 }
 
-constexpr int kChunk = 8;
+#ifndef PISO_PANEL_BYTES
+#define PISO_PANEL_BYTES (512 * 1024)
+#endif
+constexpr int64_t kPanelBytes = PISO_PANEL_BYTES;
 
 // u[t] = (H q_before(t))_{coord[t]} for all T sorted events, cache-blocked (see the file comment).
 template <typename scalar_t>
 void dense_u(const scalar_t* H, int64_t d, int64_t T, Work& wk) {
   // Panel H[J, :] of about 512 KiB: stays in L2 while all events walk past it.
   const int64_t B = std::min<int64_t>(
-      d, std::max<int64_t>(kChunk, (512 * 1024) / (d * static_cast<int64_t>(sizeof(scalar_t)))));
+      d, std::max<int64_t>(8, kPanelBytes / (d * static_cast<int64_t>(sizeof(scalar_t)))));
   const int32_t* coord = wk.coord.data();
   const double* dl = wk.dl.data();
   double* u = wk.u.data();
@@ -158,27 +149,11 @@ void dense_u(const scalar_t* H, int64_t d, int64_t T, Work& wk) {
     while (t0 < T && static_cast<uint32_t>(coord[t0] - J0) >= nJ) ++t0;
     if (t0 == T) continue;
     std::fill(h, h + d, 0.0);
-    const scalar_t* rows[kChunk];
-    double pd[kChunk];
-    for (int c = 0; c < kChunk; ++c) {
-      rows[c] = H;
-      pd[c] = 0.0;
-    }
-    int np = 0;
     for (int64_t t = t0; t < T; ++t) {
       const int32_t i = coord[t];
-      // (H_{:,J} q_J)_i: h_J plus the pending (not yet flushed) updates; unused slots have pd = 0.
-      double v = h[i];
-      for (int c = 0; c < kChunk; ++c) v += pd[c] * double(rows[c][i]);
-      u[t] += v;
+      u[t] += h[i];  // (H_{:,J} q_J)_i, state strictly before event t
       if (static_cast<uint32_t>(i - J0) < nJ) {
-        rows[np] = H + static_cast<int64_t>(i) * d;  // H[i, :] = H[:, i] (symmetric)
-        pd[np] = dl[t];
-        if (++np == kChunk) {
-          add_rows8(h, rows, pd, d);
-          for (int c = 0; c < kChunk; ++c) pd[c] = 0.0;
-          np = 0;
-        }
+        add_row(h, H + static_cast<int64_t>(i) * d, dl[t], d);  // H[i, :] = H[:, i] (symmetric)
       }
     }
   }

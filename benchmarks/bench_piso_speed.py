@@ -1,0 +1,117 @@
+"""Speed of dense PiSO (torch.ops.piso.optimal_scales with a dense H) against one float32 GEMM of
+the same shape ([N, D] @ [D, D], N*D^2 multiply-adds).
+
+PiSO's dense sweep does about 2^(b-1) * N * D^2 additions (one row of H per breakpoint event), so
+the table also gives the achieved fraction of GEMM throughput under that count:
+    fraction = (2^(b-1) N D^2 / t_piso) / (N D^2 / t_gemm) = 2^(b-1) t_gemm / t_piso.
+
+Large layers are slow on small CPUs: `--rows-large R` times only the first R rows of layers with
+D >= 2048 and extrapolates linearly to all N rows (per-call overhead is then counted N/R times, so
+the extrapolation is pessimistic); the output marks such rows. The CUDA path (event-parallel) is
+timed when a GPU and a CUDA build exist, otherwise skipped with a message.
+
+    python benchmarks/bench_piso_speed.py                       # 1024 and 4096, bits 2 3 4
+    python benchmarks/bench_piso_speed.py --sizes 1024 --bits 4
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+
+import torch
+
+import torch_piso  # noqa: F401
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def timeit(fn, repeats: int, sync=None) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        if sync:
+            sync()
+        t = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def make_layer(N: int, D: int, device: str, gen: torch.Generator):
+    """Weights and a realistic H: correlated inputs X [2D, D], H = X^T X / T (float32)."""
+    W = torch.randn(N, D, generator=gen) * 0.02
+    mix = torch.eye(D) + 0.3 * torch.randn(D, D, generator=gen) / D ** 0.5
+    X = torch.randn(2 * D, D, generator=gen) @ mix
+    H = X.T @ X / X.shape[0]
+    return W.to(device), H.contiguous().to(device)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096], help="square layer sizes N = D")
+    ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    ap.add_argument("--rows-large", type=int, default=64,
+                    help="rows timed for D >= 2048 on CPU (extrapolated linearly to N)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-cuda", action="store_true")
+    args = ap.parse_args()
+
+    print(f"machine : {platform.node()} | {cpu_name()} | {os.cpu_count()} logical CPUs | "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"command : {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
+    print(f"date    : {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')}")
+    if hasattr(os, "getloadavg"):  # shared machines: other jobs slow both PiSO and the GEMM
+        print(f"load    : {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1/5/15-min load average)")
+    print("workload: optimal_scales(W [N, D] float32, H [D, D] float32 dense, G=None, bits), per channel")
+    print()
+
+    devices = ["cpu"]
+    if not args.no_cuda:
+        if torch.cuda.is_available() and torch_piso.has_cuda_kernels():
+            devices.append("cuda")
+        else:
+            print("cuda    : skipped (no CUDA GPU visible or no CUDA kernels in this build)\n")
+
+    hdr = (f"{'device':<6} {'N=D':>6} {'bits':>4} {'rows timed':>10} {'PiSO s':>10} {'GEMM s':>9} "
+           f"{'PiSO/GEMM':>10} {'frac. of GEMM thr.':>19}")
+    print(hdr)
+    print("-" * len(hdr))
+    gen = torch.Generator().manual_seed(0)
+    for device in devices:
+        sync = torch.cuda.synchronize if device == "cuda" else None
+        for D in args.sizes:
+            N = D
+            W, H = make_layer(N, D, device, gen)
+            A = torch.randn(N, D, device=device)
+            t_gemm = timeit(lambda: torch.matmul(A, H), max(3, args.repeats), sync)
+            rows = N if (device == "cuda" or D < 2048) else min(N, args.rows_large)
+            Wr = W[:rows].contiguous()
+            reps = args.repeats if rows == N and D < 2048 else 1
+            for bits in args.bits:
+                torch.ops.piso.optimal_scales(Wr[: min(rows, 4)], H, None, bits)  # warm-up
+                t = timeit(lambda: torch.ops.piso.optimal_scales(Wr, H, None, bits), reps, sync)
+                t_full = t * N / rows
+                ratio = t_full / t_gemm
+                frac = 2 ** (bits - 1) * t_gemm / t_full
+                mark = "" if rows == N else " (extrapolated)"
+                print(f"{device:<6} {D:>6} {bits:>4} {rows:>10} {t_full:>10.3f} {t_gemm:>9.4f} "
+                      f"{ratio:>9.1f}x {frac:>18.1%}{mark}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
