@@ -99,6 +99,7 @@ class _Acc:
     held: Deque[_Held] = field(default_factory=deque)
     current: Optional[_Current] = None
     finalized: bool = False  # H/G normalized in place by pop(): no more accumulation
+    reduced: bool = False  # summed across ranks by all_reduce_(): no more accumulation
 
 
 class HessianCollector:
@@ -319,6 +320,9 @@ class HessianCollector:
         if acc.finalized:
             raise RuntimeError(f"HessianCollector: {name!r} received data after pop(); its "
                                "statistics are final")
+        if acc.reduced:
+            raise RuntimeError(f"HessianCollector: {name!r} received data after all_reduce_(); its "
+                               "statistics are final")
         self._check_complete(acc)
         if acc.current is not None and self._by_input.get(acc.current.key) is acc:
             del self._by_input[acc.current.key]
@@ -406,6 +410,46 @@ class HessianCollector:
             if acc.paired_tokens != acc.tokens:
                 raise RuntimeError(f"HessianCollector: {name!r}: {acc.tokens} quant tokens but "
                                    f"{acc.paired_tokens} paired ones")
+
+    def all_reduce_(self, group=None) -> None:
+        """Data-parallel calibration: sum the raw accumulators (X̃ᵀX̃, X̃ᵀX and the token counts) of
+        every hooked, not yet freed module across the ranks of a ``torch.distributed`` group, so that
+        ``H``/``G``/``pop`` then normalize by the *global* T. Every rank must call it once, after its
+        last forward and before reading anything, with the same modules hooked and each of them fed
+        at least once (ranks may see different numbers of tokens). Summing per-rank partial sums is
+        another float summation order than one process: H agrees to rounding, not bitwise."""
+        import torch.distributed as dist
+
+        accs, seen = [], set()
+        for name in self.names:
+            if name in self._freed:
+                continue
+            acc = self._get(name)
+            if id(acc) in seen:
+                continue
+            seen.add(id(acc))
+            if acc.finalized or acc.reduced:
+                raise RuntimeError(f"HessianCollector.all_reduce_: {name!r} was already "
+                                   f"{'popped' if acc.finalized else 'reduced'}")
+            self._check_ready(name, acc)
+            accs.append(acc)
+        # the grouping (which modules share an input) must agree, or tensors would be mismatched
+        layout = [(tuple(a.members), a.D, a.G is not None) for a in accs]
+        layouts = [None] * dist.get_world_size(group)
+        dist.all_gather_object(layouts, layout, group=group)
+        if any(lo != layout for lo in layouts):
+            raise RuntimeError(f"HessianCollector.all_reduce_: ranks hooked different accumulators: "
+                               f"{layouts}")
+        if not accs:
+            return
+        dev = accs[0].H.device
+        counts = torch.tensor([[a.tokens, a.paired_tokens] for a in accs], dtype=torch.int64, device=dev)
+        dist.all_reduce(counts, group=group)
+        for a, (t, p) in zip(accs, counts.tolist()):
+            dist.all_reduce(a.H, group=group)
+            if a.G is not None:
+                dist.all_reduce(a.G, group=group)
+            a.tokens, a.paired_tokens, a.reduced = int(t), int(p), True
 
     def tokens(self, name: str) -> int:
         """T: tokens of X̃ (quant-pass inputs) accumulated for `name`."""

@@ -1,0 +1,433 @@
+"""Scale-out on ``torch.distributed``: data-parallel calibration, module-parallel quantization,
+failure detection and block checkpoints.
+
+Launch every rank with torchrun (or any launcher that sets RANK / WORLD_SIZE / MASTER_ADDR /
+MASTER_PORT) and call :func:`quantize_model_distributed` on every rank with the same model and the
+same calibration tensor::
+
+    torchrun --nproc_per_node 2 my_script.py      # gloo on CPU, NCCL on GPUs
+
+What each rank does, per block (ARCHITECTURE.md §4, split over ranks):
+
+- **data parallel**: rank r runs the calibration forwards of its own contiguous shard of the
+  samples; the raw accumulators X̃ᵀX̃, X̃ᵀX (and the float-pass XᵀX of the report) and the token
+  counts are summed across ranks with ``all_reduce`` (``HessianCollector.all_reduce_``), then
+  normalized by the global T — the same H = X̃ᵀX̃/T as one process, up to float32 summation order;
+- **module parallel**: the modules of a group (q,k,v → o → gate,up → down) are assigned to ranks by
+  :func:`assign_modules` (greedy longest-processing-time on :func:`module_cost`); each owner
+  quantizes its modules, then every module's int8 codes and scales are broadcast from its owner,
+  so every rank holds the same quantized block and propagates its own shard through it.
+
+Failures: every collective runs inside :meth:`DistContext.step`, which turns a backend error or
+timeout into a :class:`DistributedQuantizationError` naming the block, the step and the rank(s) that
+stopped responding (from heartbeats and progress marks each rank keeps in the rendezvous store).
+
+Checkpoints: with ``checkpoint_dir`` each finished block's codes and scales are written atomically
+(safetensors + a manifest renamed into place) by rank 0; a rerun with the same model, calibration
+and recipe (any world size) replays the finished blocks instead of recomputing them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DistributedQuantizationError", "DistContext", "BlockCheckpoint", "CheckpointMismatchError",
+    "module_cost", "assign_modules", "init_distributed", "quantize_model_distributed",
+]
+
+
+class DistributedQuantizationError(RuntimeError):
+    """A rank died, timed out or failed; the message names the rank(s), the block and the step."""
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint directory belongs to another model, calibration set or recipe."""
+
+
+# ---------------------------------------------------------------------------------------------
+# cost model and assignment
+# ---------------------------------------------------------------------------------------------
+def module_cost(out_features: int, in_features: int, cfg, mode: str = "final") -> float:
+    """Relative flop estimate of quantizing one [N, D] linear with recipe ``cfg``:
+    PiSO scales ~ N·D²·2^(b−1) (dense H: a breakpoint sweep of 2^(b−1) steps per row, each touching
+    a D-row of H), data-free PiSO ~ N·D·2^(b−1), RTN ~ N·D, GPTQ ~ D³ + N·D² (Cholesky + sweep),
+    Qronos ~ 2·D³ + N·D² (an extra solve against G)."""
+    N, D = int(out_features), int(in_features)
+    q = 2 ** (cfg.bits - 1)
+    piso = N * D * D * q
+    cost = float(N * D)
+    ec = cfg.error_correction if mode == "final" else "none"
+    scales = "piso" if mode == "scales" else cfg.scales
+    if ec == "none" or mode == "scales":
+        if scales == "piso":
+            cost += piso
+        elif scales == "data-free":
+            cost += N * D * q
+        return cost
+    cost += (D ** 3 if ec == "gptq" else 2 * D ** 3) + N * D * D
+    if cfg.scales == "piso" and cfg.uses_interleaved_piso:
+        cost += piso
+    elif cfg.scales == "data-free":
+        cost += N * D * q
+    return cost
+
+
+def assign_modules(costs: Dict[str, float], world_size: int) -> Dict[str, int]:
+    """Greedy LPT: modules by decreasing cost (ties: name) each go to the least-loaded rank (ties:
+    lowest rank). Deterministic, so every rank computes the same map without communicating; the
+    makespan is at most 4/3 of the optimum."""
+    if world_size < 1:
+        raise ValueError(f"assign_modules: world_size must be >= 1, got {world_size}")
+    load = [0.0] * world_size
+    out: Dict[str, int] = {}
+    for name, c in sorted(costs.items(), key=lambda kv: (-kv[1], kv[0])):
+        r = min(range(world_size), key=lambda k: (load[k], k))
+        out[name] = r
+        load[r] += c
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# process group, heartbeats and failure reports
+# ---------------------------------------------------------------------------------------------
+def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) -> "DistContext":
+    """``init_process_group`` from the launcher's environment (torchrun) when not yet initialized;
+    backend None: NCCL when CUDA is available, else gloo. Returns a :class:`DistContext`."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        kw = {}
+        if backend == "nccl":
+            lr = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(lr)
+            kw["device_id"] = torch.device("cuda", lr)
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kw)
+    return DistContext(timeout_s=timeout_s)
+
+
+class DistContext:
+    """The process group the pipeline runs on, plus a liveness channel in the rendezvous store.
+
+    Each rank writes a heartbeat (every ``heartbeat_s``) and a progress mark (block, step) before
+    every collective; when a collective fails, :meth:`step` reads them to say which rank stopped
+    (heartbeat stale: died) or lagged (progress behind: hung or slow)."""
+
+    def __init__(self, group=None, timeout_s: float = 600.0, heartbeat_s: float = 1.0):
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise RuntimeError("DistContext: torch.distributed is not initialized (run under torchrun "
+                               "and call init_distributed() first)")
+        self.dist = dist
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.backend = dist.get_backend(group)
+        self.timeout_s = float(timeout_s)
+        self.heartbeat_s = float(heartbeat_s)
+        self.block: Optional[int] = None
+        self._store = None
+        self._stop = threading.Event()
+        self._thread = None
+        self._start_heartbeat()
+
+    # device the collectives need (NCCL: the rank's GPU)
+    @property
+    def comm_device(self) -> torch.device:
+        if self.backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _start_heartbeat(self):
+        host = os.environ.get("MASTER_ADDR")
+        port = os.environ.get("MASTER_PORT")
+        if not host or not port:
+            return
+        try:
+            store = self.dist.TCPStore(host, int(port), is_master=False,
+                                       timeout=timedelta(seconds=10), use_libuv=True)
+            self._store = self.dist.PrefixStore("torch_piso/", store)
+        except Exception:  # noqa: BLE001 - liveness reports are best effort
+            self._store = None
+            return
+        self._store.set(f"hb/{self.rank}", repr(time.time()))
+
+        def beat():
+            while not self._stop.wait(self.heartbeat_s):
+                try:
+                    self._store.set(f"hb/{self.rank}", repr(time.time()))
+                except Exception:  # noqa: BLE001
+                    return
+
+        self._thread = threading.Thread(target=beat, name="torch_piso-heartbeat", daemon=True)
+        self._thread.start()
+
+    def close(self):
+        self._stop.set()
+
+    def _mark(self, block, what):
+        if self._store is not None:
+            try:
+                self._store.set(f"progress/{self.rank}", json.dumps([block, what, time.time()]))
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _diagnose(self) -> Tuple[List[int], List[str]]:
+        """(ranks believed at fault, one line per rank)."""
+        if self._store is None:
+            return [], ["(no rendezvous store to query for heartbeats)"]
+        now = time.time()
+        bad, lines = [], []
+        stale = max(5.0, 5 * self.heartbeat_s)
+        try:
+            for r in range(self.world_size):
+                if r == self.rank:
+                    continue
+                hb = float(self._store.get(f"hb/{r}")) if self._store.check([f"hb/{r}"]) else None
+                pr = json.loads(self._store.get(f"progress/{r}")) if \
+                    self._store.check([f"progress/{r}"]) else None
+                where = f"last at block {pr[0]} ({pr[1]})" if pr else "no progress recorded"
+                if hb is None or now - hb > stale:
+                    bad.append(r)
+                    age = "never" if hb is None else f"{now - hb:.0f} s ago"
+                    lines.append(f"rank {r}: no heartbeat since {age} (dead), {where}")
+                else:
+                    lines.append(f"rank {r}: alive, {where}")
+        except Exception as exc:  # noqa: BLE001 - the store host (rank 0 / launcher) is gone
+            bad = [r for r in range(self.world_size) if r != self.rank and r == 0] or bad
+            lines.append(f"rendezvous store unreachable ({type(exc).__name__}); the store host "
+                         "(rank 0 or the launcher) died")
+        if not bad:
+            # nobody died: blame the ranks whose progress is behind ours (hung / too slow)
+            for line in lines:
+                if "alive" in line and f"block {self.block}" not in line:
+                    bad.append(int(line.split()[1].rstrip(":")))
+        return bad, lines
+
+    @contextmanager
+    def step(self, what: str, block: Optional[int] = None):
+        """Run collectives for ``what`` in ``block``; a failure becomes a
+        DistributedQuantizationError that names the rank(s) and the block."""
+        if block is not None:
+            self.block = block
+        self._mark(self.block, what)
+        t0 = time.perf_counter()
+        try:
+            yield
+        except DistributedQuantizationError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - backend errors have several types
+            waited = time.perf_counter() - t0
+            bad, lines = self._diagnose()
+            who = f"rank(s) {bad}" if bad else "a peer rank"
+            timed_out = waited >= 0.9 * self.timeout_s or "timeout" in str(exc).lower() or \
+                "timed out" in str(exc).lower()
+            raise DistributedQuantizationError(
+                f"torch_piso distributed quantization stopped: {who} "
+                f"{'timed out' if timed_out and not any('dead' in l for l in lines) else 'failed'} "
+                f"in block {self.block} ({what}); seen from rank {self.rank} after {waited:.1f} s. "
+                + " | ".join(lines) + f". Backend error: {type(exc).__name__}: "
+                + str(exc).strip().splitlines()[0][:300]) from exc
+
+    # ---- collectives used by the pipeline ------------------------------------------------
+    def all_reduce_(self, t: Tensor) -> Tensor:
+        dev = t.device
+        x = t if dev == self.comm_device else t.to(self.comm_device)
+        self.dist.all_reduce(x, group=self.group)
+        if x is not t:
+            t.copy_(x)
+        return t
+
+    def broadcast_(self, t: Tensor, src: int) -> Tensor:
+        dev = t.device
+        x = t if dev == self.comm_device else t.to(self.comm_device)
+        self.dist.broadcast(x, src=src, group=self.group)
+        if x is not t:
+            t.copy_(x)
+        return t
+
+    def all_gather_object(self, obj) -> list:
+        out = [None] * self.world_size
+        self.dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def barrier(self):
+        if self.backend == "gloo":
+            # names the rank that does not arrive (on rank 0) instead of hanging
+            self.dist.monitored_barrier(group=self.group, timeout=timedelta(seconds=self.timeout_s))
+        else:
+            self.dist.barrier(group=self.group)
+
+    def shard(self, samples: Sequence) -> list:
+        """This rank's contiguous share of the samples (sizes differ by at most one)."""
+        n, w = len(samples), self.world_size
+        if n < w:
+            raise ValueError(f"quantize_model_distributed: {n} calibration samples for {w} ranks; every "
+                             "rank needs at least one sample")
+        lo = self.rank * n // w
+        hi = (self.rank + 1) * n // w
+        return list(samples[lo:hi])
+
+
+def _fault_hook(block: int, where: str, rank: int) -> None:
+    """Test-only fault injection: TORCH_PISO_FAULT="rank:block:exit|hang" kills or hangs that rank at
+    the start of that block (used by tests/test_distributed.py)."""
+    spec = os.environ.get("TORCH_PISO_FAULT")
+    if not spec or where != "start":
+        return
+    r, b, kind = spec.split(":")
+    if int(r) == rank and int(b) == block:
+        if kind == "exit":
+            os._exit(17)
+        if kind == "hang":
+            time.sleep(3600)
+
+
+# ---------------------------------------------------------------------------------------------
+# block checkpoints
+# ---------------------------------------------------------------------------------------------
+def _sha256_bytes(*chunks: bytes) -> str:
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()
+
+
+def model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
+    """Cheap identity of a model's float weights: every parameter's name, shape, dtype and a strided
+    sample of its values (hashing 70B parameters in full would take minutes)."""
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "to_dict"):
+        d = {k: v for k, v in cfg.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+        h.update(json.dumps(d, sort_keys=True, default=str).encode())
+    for name, p in model.state_dict().items():
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        flat = p.detach().reshape(-1)
+        if flat.numel():
+            step = max(1, flat.numel() // samples_per_tensor)
+            h.update(flat[::step].to("cpu", torch.float64).numpy().tobytes())
+    return h.hexdigest()
+
+
+def calibration_fingerprint(samples: Sequence[Tensor]) -> str:
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(str(tuple(s.shape)).encode())
+        h.update(s.to(torch.int64).cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class BlockCheckpoint:
+    """Finished blocks of one quantization run, in ``directory``:
+
+    ``manifest.json``            identity (recipe, model and calibration fingerprints) and, per
+                                 finished (pass, block), its file, sha256 and report rows;
+    ``<pass>-block<i>.safetensors``  ``<module>.codes`` (int8) and ``<module>.scales`` (float32).
+
+    Writes are atomic: the tensor file is written to a temporary name, fsynced and renamed, then the
+    manifest is rewritten the same way — a block counts as finished only once it is in the manifest
+    with a matching hash. The identity is world-size independent, so a rerun on another number of
+    ranks resumes too. Only one process writes (rank 0)."""
+
+    MANIFEST = "manifest.json"
+    VERSION = 1
+
+    def __init__(self, directory, identity: dict, writer: bool = True):
+        self.dir = Path(directory)
+        self.identity = identity
+        self.writer = writer
+        self.key = _sha256_bytes(json.dumps(identity, sort_keys=True, default=str).encode())
+        self.blocks: Dict[str, dict] = {}
+        path = self.dir / self.MANIFEST
+        if path.exists():
+            try:
+                m = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise CheckpointMismatchError(f"checkpoint {path}: unreadable manifest ({exc})") from exc
+            if m.get("version") != self.VERSION or m.get("key") != self.key:
+                diff = sorted(k for k in set(identity) | set(m.get("identity", {}))
+                              if identity.get(k) != m.get("identity", {}).get(k))
+                raise CheckpointMismatchError(
+                    f"checkpoint {self.dir} belongs to another run (differs in: {diff}); use another "
+                    "checkpoint_dir or delete it to start over")
+            self.blocks = m.get("blocks", {})
+        elif writer:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._write_manifest()
+
+    @staticmethod
+    def _tag(mode: str, block: int) -> str:
+        return f"{mode}/{block}"
+
+    def _write_manifest(self):
+        data = {"format": "torch_piso.block_checkpoint", "version": self.VERSION, "key": self.key,
+                "identity": self.identity, "blocks": self.blocks}
+        path = self.dir / self.MANIFEST
+        tmp = self.dir / f".{self.MANIFEST}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self._fsync_dir()
+
+    def _fsync_dir(self):
+        try:
+            fd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:  # pragma: no cover - platforms without directory fsync
+            pass
+
+    def has(self, mode: str, block: int) -> bool:
+        e = self.blocks.get(self._tag(mode, block))
+        return e is not None and (self.dir / e["file"]).exists()
+
+    def save(self, mode: str, block: int, quantized: Dict[str, Tuple[Tensor, Tensor]], rows: list):
+        if not self.writer:
+            return
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for name, (codes, scales) in quantized.items():
+            tensors[f"{name}.codes"] = codes.detach().to("cpu", torch.int8).contiguous()
+            tensors[f"{name}.scales"] = scales.detach().to("cpu", torch.float32).contiguous()
+        fname = f"{mode}-block{block}.safetensors"
+        tmp = self.dir / f".{fname}.tmp-{os.getpid()}"
+        save_file(tensors, str(tmp))
+        with open(tmp, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.dir / fname)
+        self._fsync_dir()
+        self.blocks[self._tag(mode, block)] = {"file": fname, "sha256": digest, "rows": rows}
+        self._write_manifest()
+
+    def load(self, mode: str, block: int) -> Tuple[Dict[str, Tuple[Tensor, Tensor]], list]:
+        from safetensors.torch import load_file
+
+        e = self.blocks[self._tag(mode, block)]
+        path = self.dir / e["file"]
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != e["sha256"]:
+            raise CheckpointMismatchError(f"checkpoint {path}: sha256 mismatch (corrupt or tampered); "
+                                          "delete it to recompute that block")
+        t = load_file(str(path))
+        names = sorted({k.rsplit(".", 1)[0] for k in t})
+        return {n: (t[f"{n}.codes"], t[f"{n}.scales"]) for n in names}, e["rows"]
