@@ -431,3 +431,183 @@ class BlockCheckpoint:
         t = load_file(str(path))
         names = sorted({k.rsplit(".", 1)[0] for k in t})
         return {n: (t[f"{n}.codes"], t[f"{n}.scales"]) for n in names}, e["rows"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline's distributed steps (called from torch_piso.pipeline._Runner)
+# ---------------------------------------------------------------------------------------------
+def reduce_statistics(ctx: DistContext, hc, Hfp: Optional[dict], names: Sequence[str]) -> None:
+    """Data parallel: sum the group's raw accumulators (and the float-pass XᵀX of the report) over
+    ranks before they are normalized by the global token count."""
+    with ctx.step(f"all-reduce H/G of {','.join(names)}"):
+        hc.all_reduce_(ctx.group)
+        if Hfp is not None:
+            ctx.all_reduce_(Hfp["H"])
+            t = torch.tensor([Hfp["T"]], dtype=torch.int64, device=ctx.comm_device)
+            ctx.all_reduce_(t)
+            Hfp["T"] = int(t.item())
+
+
+def quantize_group_parallel(runner, mods: dict, names: Sequence[str], res: dict, H_fp, mode: str,
+                            obj: str, block: int, prefix: str):
+    """Module parallel: each rank quantizes the modules :func:`assign_modules` gives it, then every
+    module's codes (int8) and scales are broadcast from its owner; returns the QuantLinears (same on
+    every rank) and the report rows (each from its owner, with the owner's rank)."""
+    from .nn import QuantLinear
+
+    ctx: DistContext = runner.dist
+    cfg = runner.cfg
+    costs = {n: module_cost(mods[n].out_features, mods[n].in_features, cfg, mode) for n in names}
+    owner = assign_modules(costs, ctx.world_size)
+    local = {}
+    for n in names:
+        if owner[n] == ctx.rank:
+            H, G, _T = res[n]
+            q, row = runner._quantize_one(prefix + n, mods[n], H, G, H_fp, mode, obj, block)
+            row["rank"] = ctx.rank
+            local[n] = (q, row)
+    new = {}
+    gs = cfg.group_size
+    with ctx.step(f"broadcast codes/scales of {','.join(names)}"):
+        for n in names:
+            lin = mods[n]
+            N, D = lin.out_features, lin.in_features
+            if owner[n] == ctx.rank:
+                q = local[n][0]
+                codes = q.codes().contiguous()
+                scales = q.scales.detach().to(torch.float32).contiguous()
+            else:
+                codes = torch.empty(N, D, dtype=torch.int8, device=lin.weight.device)
+                scales = torch.empty((N,) if gs == -1 else (N, D // gs), dtype=torch.float32,
+                                     device=lin.weight.device)
+            ctx.broadcast_(codes, owner[n])
+            ctx.broadcast_(scales, owner[n])
+            if owner[n] == ctx.rank:
+                new[n] = local[n][0]
+            else:
+                new[n] = QuantLinear.from_linear(lin, codes, scales, cfg.bits, gs)
+                if mode == "scales":
+                    runner.fixed_scales[prefix + n] = scales.cpu()
+        gathered = ctx.all_gather_object({n: r for n, (_q, r) in local.items()})
+    rows_by = {}
+    for d in gathered:
+        rows_by.update(d)
+    rows = [rows_by[n] for n in names]
+    if mode == "scales":
+        for n in names:
+            runner.scale_times.setdefault(prefix + n, rows_by[n]["scale_time_s"])
+    return new, rows
+
+
+def replay_block(runner, block, mode: str, index: int, prefix: str, originals: dict) -> list:
+    """Resume: rebuild a finished block from its checkpoint (QuantLinears from the stored codes and
+    scales; the decoupled pass's fixed scales) instead of recomputing it. Returns its report rows."""
+    from .nn import QuantLinear, replace_linear
+
+    cfg = runner.cfg
+    data, rows = runner.ckpt.load(mode, index)
+    rows_by = {r["module"]: r for r in rows}
+    mods = dict(block.named_modules())
+    new = {}
+    for n, (codes, scales) in data.items():
+        if n not in mods:
+            raise CheckpointMismatchError(f"checkpoint block {index}: no module {n!r} in the model")
+        originals[n] = mods[n]
+        new[n] = QuantLinear.from_linear(mods[n], codes, scales, cfg.bits, cfg.group_size)
+        if mode == "scales":
+            runner.fixed_scales[prefix + n] = scales
+            runner.scale_times[prefix + n] = rows_by.get(prefix + n, {}).get("scale_time_s", 0.0)
+    replace_linear(block, new)
+    return [dict(r, resumed=True) for r in rows]
+
+
+def _identity(model, samples, cfg) -> dict:
+    from . import __version__
+
+    conf = cfg.to_dict()
+    conf.pop("device", None)  # where it ran does not change which result is wanted
+    return {"torch_piso": __version__, "config": conf, "model": model_fingerprint(model),
+            "calibration": calibration_fingerprint(samples)}
+
+
+def setup_run(model, samples, cfg, checkpoint_dir, ctx: Optional[DistContext]):
+    """Checks that every rank has the same model, calibration and recipe, picks this rank's shard
+    and opens the checkpoint (rank 0 writes; every rank reads the same manifest)."""
+    ident = _identity(model, samples, cfg)
+    local = samples
+    if ctx is not None:
+        with ctx.step("check model/calibration/recipe agree", -1):
+            ids = ctx.all_gather_object(ident)
+        bad = [r for r, x in enumerate(ids) if x != ids[0]]
+        if bad:
+            diff = sorted(k for k in ident if any(ids[r][k] != ids[0][k] for r in bad))
+            raise DistributedQuantizationError(
+                f"rank(s) {bad} have another {', '.join(diff)} than rank 0; every rank must load the "
+                "same model, calibration samples and recipe")
+        local = ctx.shard(samples)
+    ckpt = None
+    if checkpoint_dir is not None:
+        err = None
+        if ctx is None or ctx.rank == 0:
+            try:
+                ckpt = BlockCheckpoint(checkpoint_dir, ident, writer=True)
+            except CheckpointMismatchError as exc:
+                err = str(exc)
+        if ctx is not None:
+            with ctx.step("open checkpoint", -1):
+                state = [err, ckpt.blocks if ckpt is not None else None]
+                ctx.dist.broadcast_object_list(state, src=0, group=ctx.group)
+            err, blocks = state
+            if err is None and ctx.rank != 0:
+                ckpt = BlockCheckpoint.__new__(BlockCheckpoint)
+                ckpt.dir, ckpt.identity, ckpt.writer = Path(checkpoint_dir), ident, False
+                ckpt.key = _sha256_bytes(json.dumps(ident, sort_keys=True, default=str).encode())
+                ckpt.blocks = blocks  # rank 0's view (files on a shared filesystem)
+        if err is not None:
+            raise CheckpointMismatchError(err)
+    return local, ckpt
+
+
+def quantized_state_digest(model) -> str:
+    """sha256 over every QuantLinear's packed codes and scales (name order): equal on every rank."""
+    from .nn import QuantLinear
+
+    h = hashlib.sha256()
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            h.update(name.encode())
+            h.update(m.packed.detach().cpu().numpy().tobytes())
+            h.update(m.scales.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def quantize_model_distributed(model, calibration, config, *, checkpoint_dir=None, group=None,
+                               timeout_s: float = 600.0, progress: Optional[bool] = None,
+                               output_dir=None, log=print):
+    """:func:`torch_piso.quantize_model` on every rank of an initialized process group (torchrun +
+    :func:`init_distributed`): data-parallel calibration over contiguous shards of ``calibration``
+    (every rank passes the same full set), module-parallel quantization, and every rank returns the
+    same quantized model (checked: a digest of all codes and scales is compared at the end).
+    ``checkpoint_dir``: finished blocks are saved there (by rank 0; on a filesystem every rank sees)
+    and a rerun resumes after the last one. Returns ``(model, report)``; only rank 0 logs and
+    writes ``output_dir``."""
+    from .pipeline import quantize_model_with_report
+
+    ctx = DistContext(group=group, timeout_s=timeout_s)
+    if ctx.rank != 0:
+        log, output_dir = None, None
+        progress = False if progress is None else progress
+    try:
+        model, report = quantize_model_with_report(
+            model, calibration, config, progress=True if progress is None else progress,
+            output_dir=output_dir, log=log, checkpoint_dir=checkpoint_dir, _dist=ctx)
+        digest = quantized_state_digest(model)
+        with ctx.step("compare results", None):
+            digests = ctx.all_gather_object(digest)
+        if any(d != digest for d in digests):
+            raise DistributedQuantizationError(
+                f"ranks ended with different quantized models (digests {digests})")
+        report["distributed"]["result_sha256"] = digest
+    finally:
+        ctx.close()
+    return model, report

@@ -211,7 +211,8 @@ def _capture(model: nn.Module, parts: DecoderParts, samples: List[Tensor], progr
 # the pipeline
 # ---------------------------------------------------------------------------------------------
 class _Runner:
-    def __init__(self, model, parts, samples, cfg: QuantConfig, device, progress, log, spy):
+    def __init__(self, model, parts, samples, cfg: QuantConfig, device, progress, log, spy,
+                 dist=None, ckpt=None):
         self.model = model
         self.parts = parts
         self.samples = samples
@@ -224,6 +225,11 @@ class _Runner:
         self.fixed_scales: Dict[str, Tensor] = {}
         self.scale_times: Dict[str, float] = {}
         self.rows: List[dict] = []
+        # torch_piso.distributed: DistContext (data/module parallel) and BlockCheckpoint (resume)
+        self.dist = dist
+        self.ckpt = ckpt
+        self.computed_blocks: List[str] = []
+        self.resumed_blocks: List[str] = []
 
     def _skipped(self, qual: str) -> bool:
         return any(fnmatch.fnmatchcase(qual, p) for p in self.cfg.skip)
@@ -285,6 +291,9 @@ class _Runner:
                             self._run_until(block, names, xq, kw)
                     else:
                         self._run_until(block, names, xq, kw)
+                if self.dist is not None:  # data parallel: sum every rank's raw statistics
+                    from .distributed import reduce_statistics
+                    reduce_statistics(self.dist, hc, Hfp if cross else None, names)
                 res = {n: hc.pop(n) for n in names}
         finally:
             if handle is not None:
@@ -382,6 +391,9 @@ class _Runner:
         bar = _tqdm(total=len(layers), desc=desc, disable=not self.progress)
         try:
             for i, block in enumerate(layers):
+                if self.dist is not None:
+                    from .distributed import _fault_hook
+                    _fault_hook(i, "start", self.dist.rank)
                 block.to(dev)
                 cache: Dict[int, dict] = {}
 
@@ -398,24 +410,49 @@ class _Runner:
                     groups = [g for g in groups if g]
                     fp_block = copy.deepcopy(block) if (cross or model_stream) else None
                     originals: Dict[str, nn.Module] = {}
+                    n_rows0 = len(rows)
+                    replayed = None
+                    if self.ckpt is not None and self.ckpt.has(mode, i):
+                        # resume: this block finished in an earlier run; rebuild it, do not recompute
+                        from .distributed import replay_block
+                        replayed = replay_block(self, block, mode, i, prefix, originals)
+                        rows.extend(replayed)
+                        groups = []
                     for g in groups:
                         bar.set_postfix_str(f"block {i}: {','.join(n.rsplit('.', 1)[-1] for n in g)}") \
                             if hasattr(bar, "set_postfix_str") else None
                         res, H_fp = self._collect(block, fp_block, g, inps,
                                                   fp_inps if model_stream else None, kws_dev, cross)
                         mods = dict(block.named_modules())
-                        new = {}
                         for n in g:
                             H, G, T = res[n]
                             if self.spy is not None:
                                 self.spy(prefix + n, {"H": H, "G": G, "H_fp": H_fp, "tokens": T,
                                                       "mode": mode})
-                            q, row = self._quantize_one(prefix + n, mods[n], H, G, H_fp, mode, obj, i)
                             originals[n] = mods[n]
-                            new[n] = q
-                            rows.append(row)
+                        if self.dist is None:
+                            new = {}
+                            for n in g:
+                                H, G, T = res[n]
+                                q, row = self._quantize_one(prefix + n, mods[n], H, G, H_fp, mode, obj, i)
+                                new[n] = q
+                                rows.append(row)
+                        else:  # module parallel: owners quantize, codes and scales are broadcast
+                            from .distributed import quantize_group_parallel
+                            new, grows = quantize_group_parallel(self, mods, g, res, H_fp, mode, obj, i,
+                                                                 prefix)
+                            rows.extend(grows)
                         replace_linear(block, new)
                         del res, H_fp
+                    tag = f"{mode}/{i}"
+                    if replayed is not None:
+                        self.resumed_blocks.append(tag)
+                    else:
+                        self.computed_blocks.append(tag)
+                        if self.ckpt is not None:
+                            mods = dict(block.named_modules())
+                            self.ckpt.save(mode, i, {n: (mods[n].codes(), mods[n].scales)
+                                                     for n in originals}, rows[n_rows0:])
                     # propagate the finished block
                     for j in range(len(inps)):
                         kw = kws_dev(j)
@@ -508,8 +545,13 @@ def _resolve_device(cfg: QuantConfig) -> torch.device:
 def quantize_model_with_report(model: nn.Module, calibration, config: QuantConfig, *,
                                progress: bool = True, output_dir=None,
                                log: Optional[Callable[[str], None]] = print,
-                               _spy: Optional[Callable[[str, dict], None]] = None):
-    """Like :func:`quantize_model`; returns ``(model, report)``."""
+                               _spy: Optional[Callable[[str, dict], None]] = None,
+                               checkpoint_dir=None, _dist=None):
+    """Like :func:`quantize_model`; returns ``(model, report)``.
+
+    checkpoint_dir: write each finished block there (atomically) and, on a rerun with the same
+    model, calibration and recipe, resume after the last finished block (torch_piso.distributed).
+    _dist: a torch_piso.distributed.DistContext (use quantize_model_distributed)."""
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config: expected a QuantConfig, got {type(config).__name__}")
     cfg = config
@@ -534,6 +576,11 @@ def quantize_model_with_report(model: nn.Module, calibration, config: QuantConfi
     if not quantized_names:
         raise ValueError("quantize_model: no nn.Linear left to quantize (all skipped?)")
     dev = _resolve_device(cfg)
+    all_samples = samples
+    ckpt = None
+    if checkpoint_dir is not None or _dist is not None:
+        from .distributed import setup_run
+        samples, ckpt = setup_run(model, all_samples, cfg, checkpoint_dir, _dist)
 
     params = list(model.parameters()) + list(model.buffers())
     orig_devices = {p.device for p in params}
@@ -548,7 +595,7 @@ def quantize_model_with_report(model: nn.Module, calibration, config: QuantConfi
         f"{'' if cfg.group_size == -1 else f' G{cfg.group_size}'}, {len(quantized_names)} linears in "
         f"{len(parts.layers)} blocks, {len(samples)} calibration samples, device {dev}")
     log(msg)
-    runner = _Runner(model, parts, samples, cfg, dev, progress, log, _spy)
+    runner = _Runner(model, parts, samples, cfg, dev, progress, log, _spy, dist=_dist, ckpt=ckpt)
     t0 = time.perf_counter()
     pass1_rows: List[dict] = []
     try:
@@ -567,12 +614,18 @@ def quantize_model_with_report(model: nn.Module, calibration, config: QuantConfi
               "modules": len(rows), "fell_back": sum(bool(r["fell_back"]) for r in rows),
               "wall_time_s": elapsed}
     report = {"label": cfg.label, "config": cfg.to_dict(), "device": str(dev),
-              "calibration": {"samples": len(samples), "tokens": sum(s.numel() for s in samples)},
+              "calibration": {"samples": len(all_samples), "tokens": sum(s.numel() for s in all_samples)},
               "loss_note": ("per-token layer objective: self = sum_rows (w-w_hat)^T H (w-w_hat); "
                             "cross = ||X w - X~ w_hat||^2 / T; before = absmax RTN, after = this recipe"),
               "rows": rows, "totals": totals}
     if pass1_rows:
         report["decoupled_pass1_rows"] = pass1_rows
+    if _dist is not None:
+        report["distributed"] = {"world_size": _dist.world_size, "backend": _dist.backend,
+                                 "rank": _dist.rank, "local_samples": len(samples)}
+    if ckpt is not None:
+        report["checkpoint"] = {"dir": str(ckpt.dir), "computed_blocks": runner.computed_blocks,
+                                "resumed_blocks": runner.resumed_blocks}
     log(format_report(rows))
     log(f"total: loss before {totals['loss_before']:.4e}, after {totals['loss_after']:.4e}; scale time "
         f"{totals['scale_time_s']:.2f} s, EC time {totals['ec_time_s']:.2f} s, wall {elapsed:.1f} s")
