@@ -22,6 +22,8 @@ def main():
     ap.add_argument("--backend", default="gloo")
     ap.add_argument("--timeout", type=float, default=30.0)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--hessian-dtype", default="float32")
+    ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=16)
@@ -44,11 +46,12 @@ def main():
             kw = {}
             if a.hidden != 64:
                 kw = dict(hidden_size=a.hidden, intermediate_size=2 * a.hidden)
-            model = tiny_model(a.arch, seed=0, num_hidden_layers=a.layers, **kw)
+            model = tiny_model(a.arch, seed=0, num_hidden_layers=a.layers, num_key_value_heads=a.kv_heads, **kw)
             g = torch.Generator().manual_seed(1)
             calib = torch.randint(0, model.config.vocab_size, (a.samples, a.seqlen), generator=g)
             cfg = QuantConfig.recipe(recipe, bits=3, group_size=16 if "†" in recipe or "_s" in recipe
-                                     else -1, device=dev)
+                                     else -1, device=dev,
+                                     hessian_dtype=a.hessian_dtype)
             t0 = time.perf_counter()
             model, report = quantize_model_distributed(model, calib, cfg, checkpoint_dir=a.checkpoint,
                                                        timeout_s=a.timeout, progress=False, log=None)
