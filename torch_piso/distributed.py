@@ -175,6 +175,12 @@ class DistContext:
         self._thread = threading.Thread(target=beat, name="torch_piso-heartbeat", daemon=True)
         self._thread.start()
 
+    def begin_block(self, index: int, mode: str = "final") -> None:
+        """The pipeline enters block ``index`` of pass ``mode`` (named in failure reports)."""
+        self.block = index if mode == "final" else f"{index} of the decoupled scales pass"
+        self._mark(self.block, "start")
+        _fault_hook(index, "start", self.rank)
+
     def close(self):
         self._stop.set()
 
@@ -189,21 +195,28 @@ class DistContext:
         """(ranks believed at fault, one line per rank)."""
         if self._store is None:
             return [], ["(no rendezvous store to query for heartbeats)"]
-        now = time.time()
         bad, lines = [], []
-        stale = max(5.0, 5 * self.heartbeat_s)
+        others = [r for r in range(self.world_size) if r != self.rank]
+
+        def beats():
+            return {r: float(self._store.get(f"hb/{r}")) if self._store.check([f"hb/{r}"]) else None
+                    for r in others}
+
         try:
-            for r in range(self.world_size):
-                if r == self.rank:
-                    continue
-                hb = float(self._store.get(f"hb/{r}")) if self._store.check([f"hb/{r}"]) else None
+            # a live rank's heartbeat moves within heartbeat_s; watch for 2.5 periods
+            first = beats()
+            time.sleep(2.5 * self.heartbeat_s)
+            second = beats()
+            now = time.time()
+            for r in others:
+                hb = second[r] if second[r] != first[r] else None
                 pr = json.loads(self._store.get(f"progress/{r}")) if \
                     self._store.check([f"progress/{r}"]) else None
                 where = f"last at block {pr[0]} ({pr[1]})" if pr else "no progress recorded"
-                if hb is None or now - hb > stale:
+                if hb is None:
                     bad.append(r)
-                    age = "never" if hb is None else f"{now - hb:.0f} s ago"
-                    lines.append(f"rank {r}: no heartbeat since {age} (dead), {where}")
+                    age = "ever" if first[r] is None else f"{now - first[r]:.1f} s"
+                    lines.append(f"rank {r}: dead (no heartbeat for {age}), {where}")
                 else:
                     lines.append(f"rank {r}: alive, {where}")
         except Exception as exc:  # noqa: BLE001 - the store host (rank 0 / launcher) is gone
@@ -213,7 +226,7 @@ class DistContext:
         if not bad:
             # nobody died: blame the ranks whose progress is behind ours (hung / too slow)
             for line in lines:
-                if "alive" in line and f"block {self.block}" not in line:
+                if "alive" in line and f"block {self.block} " not in line:
                     bad.append(int(line.split()[1].rstrip(":")))
         return bad, lines
 
@@ -237,7 +250,7 @@ class DistContext:
                 "timed out" in str(exc).lower()
             raise DistributedQuantizationError(
                 f"torch_piso distributed quantization stopped: {who} "
-                f"{'timed out' if timed_out and not any('dead' in l for l in lines) else 'failed'} "
+                f"{'died' if any(': dead' in l for l in lines) else 'timed out' if timed_out else 'failed'} "
                 f"in block {self.block} ({what}); seen from rank {self.rank} after {waited:.1f} s. "
                 + " | ".join(lines) + f". Backend error: {type(exc).__name__}: "
                 + str(exc).strip().splitlines()[0][:300]) from exc
@@ -536,7 +549,7 @@ def setup_run(model, samples, cfg, checkpoint_dir, ctx: Optional[DistContext]):
     ident = _identity(model, samples, cfg)
     local = samples
     if ctx is not None:
-        with ctx.step("check model/calibration/recipe agree", -1):
+        with ctx.step("check model/calibration/recipe agree", "setup"):
             ids = ctx.all_gather_object(ident)
         bad = [r for r, x in enumerate(ids) if x != ids[0]]
         if bad:
@@ -554,7 +567,7 @@ def setup_run(model, samples, cfg, checkpoint_dir, ctx: Optional[DistContext]):
             except CheckpointMismatchError as exc:
                 err = str(exc)
         if ctx is not None:
-            with ctx.step("open checkpoint", -1):
+            with ctx.step("open checkpoint", "setup"):
                 state = [err, ckpt.blocks if ckpt is not None else None]
                 ctx.dist.broadcast_object_list(state, src=0, group=ctx.group)
             err, blocks = state

@@ -392,8 +392,7 @@ class _Runner:
         try:
             for i, block in enumerate(layers):
                 if self.dist is not None:
-                    from .distributed import _fault_hook
-                    _fault_hook(i, "start", self.dist.rank)
+                    self.dist.begin_block(i, mode)
                 block.to(dev)
                 cache: Dict[int, dict] = {}
 
