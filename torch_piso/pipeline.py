@@ -418,8 +418,8 @@ class _Runner:
                         rows.extend(replayed)
                         groups = []
                     for g in groups:
-                        bar.set_postfix_str(f"block {i}: {','.join(n.rsplit('.', 1)[-1] for n in g)}") \
-                            if hasattr(bar, "set_postfix_str") else None
+                        if hasattr(bar, "set_postfix_str"):
+                            bar.set_postfix_str(f"block {i}: {','.join(n.rsplit('.', 1)[-1] for n in g)}")
                         res, H_fp = self._collect(block, fp_block, g, inps,
                                                   fp_inps if model_stream else None, kws_dev, cross)
                         mods = dict(block.named_modules())
@@ -602,8 +602,10 @@ def quantize_model_with_report(model: nn.Module, calibration, config: QuantConfi
             pass1_rows = runner.run_pass("scales")
         rows = runner.run_pass("final")
     finally:
-        if len(orig_devices) == 1:
+        if len(orig_devices) == 1:  # a model spread over devices (device_map) stays on CPU
             model.to(next(iter(orig_devices)))
+        else:
+            log(f"torch_piso: the model was on {sorted(map(str, orig_devices))}; it is left on cpu")
         model.train(was_training)
     elapsed = time.perf_counter() - t0
     totals = {"loss_before": sum(r["loss_before"] for r in rows),
