@@ -191,11 +191,11 @@ class DistContext:
             except Exception:  # noqa: BLE001
                 pass
 
-    def _diagnose(self) -> Tuple[List[int], List[str]]:
+    def _diagnose(self, what: str = "") -> Tuple[List[int], List[str]]:
         """(ranks believed at fault, one line per rank)."""
         if self._store is None:
             return [], ["(no rendezvous store to query for heartbeats)"]
-        bad, lines = [], []
+        bad, lines, behind = [], [], []
         others = [r for r in range(self.world_size) if r != self.rank]
 
         def beats():
@@ -219,15 +219,14 @@ class DistContext:
                     lines.append(f"rank {r}: dead (no heartbeat for {age}), {where}")
                 else:
                     lines.append(f"rank {r}: alive, {where}")
+                    if not pr or pr[0] != self.block or pr[1] != what:
+                        behind.append(r)
         except Exception as exc:  # noqa: BLE001 - the store host (rank 0 / launcher) is gone
             bad = [r for r in range(self.world_size) if r != self.rank and r == 0] or bad
             lines.append(f"rendezvous store unreachable ({type(exc).__name__}); the store host "
                          "(rank 0 or the launcher) died")
         if not bad:
-            # nobody died: blame the ranks whose progress is behind ours (hung / too slow)
-            for line in lines:
-                if "alive" in line and f"block {self.block} " not in line:
-                    bad.append(int(line.split()[1].rstrip(":")))
+            bad = behind  # nobody died: blame the ranks not at our step (hung / too slow)
         return bad, lines
 
     @contextmanager
@@ -244,7 +243,7 @@ class DistContext:
             raise
         except Exception as exc:  # noqa: BLE001 - backend errors have several types
             waited = time.perf_counter() - t0
-            bad, lines = self._diagnose()
+            bad, lines = self._diagnose(what)
             who = f"rank(s) {bad}" if bad else "a peer rank"
             timed_out = waited >= 0.9 * self.timeout_s or "timeout" in str(exc).lower() or \
                 "timed out" in str(exc).lower()
