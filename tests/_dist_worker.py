@@ -15,8 +15,8 @@ torch.set_num_threads(1)
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", default="llama")
-    ap.add_argument("--recipes", default="rtn-absmax")
+    ap.add_argument("--arch", default="llama", help="archs separated by ;")
+    ap.add_argument("--recipes", default="rtn-absmax", help="per arch (;), recipes separated by ,")
     ap.add_argument("--out", required=True)
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--backend", default="gloo")
@@ -42,11 +42,13 @@ def main():
     ctx.close()
     dev = "cuda" if a.backend == "nccl" else "cpu"
     try:
-        for recipe in a.recipes.split(","):
+        jobs = [(arch, r) for arch, rs in zip(a.arch.split(";"), a.recipes.split(";"))
+                for r in rs.split(",")]
+        for arch, recipe in jobs:
             kw = {}
             if a.hidden != 64:
                 kw = dict(hidden_size=a.hidden, intermediate_size=2 * a.hidden)
-            model = tiny_model(a.arch, seed=0, num_hidden_layers=a.layers, num_key_value_heads=a.kv_heads, **kw)
+            model = tiny_model(arch, seed=0, num_hidden_layers=a.layers, num_key_value_heads=a.kv_heads, **kw)
             g = torch.Generator().manual_seed(1)
             calib = torch.randint(0, model.config.vocab_size, (a.samples, a.seqlen), generator=g)
             cfg = QuantConfig.recipe(recipe, bits=3, group_size=16 if "†" in recipe or "_s" in recipe
@@ -62,7 +64,7 @@ def main():
                     if isinstance(m, QuantLinear):
                         t[f"{n}.codes"] = m.codes().cpu().contiguous()
                         t[f"{n}.scales"] = m.scales.cpu().contiguous()
-                base = os.path.join(a.out, f"{a.arch}-{recipe}")
+                base = os.path.join(a.out, f"{arch}-{recipe}")
                 save_file(t, base + ".safetensors")
                 report["wall_s"] = wall
                 with open(base + ".json", "w") as f:
