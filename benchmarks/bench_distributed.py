@@ -12,7 +12,7 @@ activation element, s streams (2 for float_stream="model", else 1):
                   + the largest group's Hessians (fp32 D² each: H, plus G and the float-pass XᵀX for
                     the cross objective; D = i for down_proj)
                   + the activation shard (T/R)·h·B·s·2 (inputs and outputs of the block)
-  time            = forwards ~ c_f·2·T·P_b·(1 + cross)/R  (data parallel; plus Hessian accumulation
+  time            = forwards ~ 2·T·P_b·(2·(1 + cross) + 1)/R  (data parallel; plus Hessian accumulation
                     ~ 2·T·D² per distinct input, also /R)
                   + Σ over groups of the slowest rank's modules (module parallel, LPT on
                     PiSO ~ N·D²·2^(b−1), GPTQ ~ D³ + N·D², Qronos ~ 2D³ + N·D²)
@@ -88,7 +88,9 @@ def flop_model(arch: dict, tokens: int, ranks: int, bits: int, ec: str = "gptq",
                                 arch["head_dim"])
     params = sum(n * d for _, n, d in mods)
     t = tokens / ranks
-    fwd = 2 * t * params * (2 if cross else 1) * 2  # collection forwards (~1 block) + propagation
+    # collection: partial forwards up to each group (~2 block forwards per token; the float pass of
+    # the cross objective repeats them) + 1 propagation forward
+    fwd = 2 * t * params * (2 * (2 if cross else 1) + 1)
     ins = {}
     for g in groups:
         ins[g[0]] = dict((m, d) for m, _, d in mods)[g[0]]
@@ -159,6 +161,12 @@ def worker(a):
                            | {"rank": r.get("rank", 0)} for r in report["rows"]],
                "result_sha256": report["distributed"]["result_sha256"]}
         Path(a.out).write_text(json.dumps(out))
+        from safetensors.torch import save_file
+
+        from torch_piso.nn import QuantLinear
+
+        save_file({n: m.codes().contiguous() for n, m in model.named_modules()
+                   if isinstance(m, QuantLinear)}, a.out + ".safetensors")
     dist.destroy_process_group()
 
 
@@ -184,6 +192,9 @@ def run_torchrun(nproc, a, out):
     subprocess.run(cmd, env=env, check=True)
     total = time.perf_counter() - t0
     res = json.loads(Path(out).read_text())
+    from safetensors.torch import load_file
+
+    res["codes"] = load_file(out + ".safetensors")
     res["torchrun_total_s"] = total
     return res
 
@@ -245,7 +256,8 @@ def main():
     with tempfile.TemporaryDirectory() as td:
         for n in (1, 2):
             res[n] = run_torchrun(n, a, os.path.join(td, f"r{n}.json"))
-    same = res[1]["result_sha256"] == res[2]["result_sha256"]
+    diff = sum(int((res[1]["codes"][k] != res[2]["codes"][k]).sum()) for k in res[1]["codes"])
+    total = sum(v.numel() for v in res[1]["codes"].values())
     cfg = QuantConfig.recipe(a.recipe, bits=a.bits)
     pred = predict_from_one(res[1], 2, cfg)
     print()
@@ -255,7 +267,8 @@ def main():
         r = res[n]
         rss = ", ".join(f"{x[1] / 2**20:.0f}" for x in r["rss"])
         print(f"| {n} | {r['wall_s']:.2f} | {r['torchrun_total_s']:.1f} | {rss} |")
-    print(f"\nsame quantized model with 1 and 2 processes (sha256 of codes+scales): {same}")
+    print(f"\ncodes differing between the 1- and 2-process results: {diff} / {total} = {diff / total:.2e} "
+          "(float32 H summed in another order)")
     print(f"\n1-process split: forwards/Hessians/other {pred['forward_etc_1']:.2f} s + module "
           f"quantization {pred['quant_1']:.2f} s")
     print(f"model for 2 processes: {pred['forward_etc_1']:.2f}/2 + LPT makespan {pred['quant_makespan']:.2f}"
@@ -273,20 +286,26 @@ def main():
         print(f"  {n} rank(s): block {fmt_bytes(m['weights'])} + Hessians {fmt_bytes(m['hessians'])} + "
               f"activations {fmt_bytes(m['activations'])} = {fmt_bytes(m['total'])}; measured RSS growth "
               f"during quantization (max over ranks) {fmt_bytes(grow)}")
-    print("\nLarge models (bf16 weights and activations, fp32 Hessians, 128 x 2048 calibration tokens, "
-          "cross objective: float block copy + H, G, XᵀX):")
-    print("| model | ranks | block weights | Hessians | activation shard | total per rank | "
-          "fwd TFLOP/rank | quant TFLOP (makespan) per block |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, arch in LLAMA.items():
-        for r in (1, 2, 8):
-            m = memory_model(arch, 128 * 2048, r)
-            f = flop_model(arch, 128 * 2048, r, bits=4, ec="gptq", cross=cross)
-            print(f"| {name} | {r} | {fmt_bytes(m['weights'])} | {fmt_bytes(m['hessians'])} | "
-                  f"{fmt_bytes(m['activations'])} | {fmt_bytes(m['total'])} | "
-                  f"{(f['forward'] + f['hessian']) * arch['layers'] / 1e12:.1f} | "
-                  f"{f['quant_makespan'] / 1e12:.2f} |")
-
+    print("\nLarge models: bf16 weights and activations, fp32 Hessians, 128 x 2048 = 262144 calibration "
+          "tokens, W4; forward TFLOP per rank for the whole model, quantization TFLOP per block as the "
+          "slowest rank's share (LPT). Times assume a sustained 300 TFLOP/s bf16 forward and 30 TFLOP/s "
+          "fp32 quantization kernels per GPU (assumptions, not measurements).")
+    for ec, cross, label in (("gptq", False, "GPTQ ⊙ PiSO (self objective: H only)"),
+                             ("qronos", True, "Qronos ⊙ PiSO (cross: float block copy, H, G, XᵀX)")):
+        print(f"\n{label}")
+        print("| model | ranks | block weights | Hessians | activation shard | total per rank | "
+              "forward TFLOP | quant TFLOP/block | est. time |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for name, arch in LLAMA.items():
+            for r in (1, 2, 8):
+                m = memory_model(arch, 128 * 2048, r, cross=cross)
+                f = flop_model(arch, 128 * 2048, r, bits=4, ec=ec, cross=cross)
+                fw = (f["forward"] + f["hessian"]) * arch["layers"]
+                qt = f["quant_makespan"] * arch["layers"]
+                est = fw / 300e12 + qt / 30e12
+                print(f"| {name} | {r} | {fmt_bytes(m['weights'])} | {fmt_bytes(m['hessians'])} | "
+                      f"{fmt_bytes(m['activations'])} | {fmt_bytes(m['total'])} | {fw / 1e12:.0f} | "
+                      f"{f['quant_makespan'] / 1e12:.1f} | {est / 60:.1f} min |")
 
 if __name__ == "__main__":
     main()
