@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -203,8 +204,17 @@ class DistContext:
                     for r in others}
 
         try:
-            # a live rank's heartbeat moves within heartbeat_s; watch for 2.5 periods
             first = beats()
+            # first word, before waiting: a launcher (torchrun) may stop this rank any moment now
+            marks = {r: json.loads(self._store.get(f"progress/{r}")) if
+                     self._store.check([f"progress/{r}"]) else None for r in others}
+            off = {r: m for r, m in marks.items() if not m or m[0] != self.block or m[1] != what}
+            print(f"torch_piso [rank {self.rank}]: collective '{what}' failed in block {self.block}; "
+                  f"ranks not at this step: " + (", ".join(
+                      f"rank {r} (last at block {m[0]} ({m[1]}))" if m else f"rank {r} (no progress)"
+                      for r, m in off.items()) or "none") + "; checking heartbeats",
+                  file=sys.stderr, flush=True)
+            # a live rank's heartbeat moves within heartbeat_s; watch for 2.5 periods
             time.sleep(2.5 * self.heartbeat_s)
             second = beats()
             now = time.time()
