@@ -80,6 +80,16 @@ def launch(world: int, args, env=None, timeout=120, grace=15):
     return out
 
 
+def torchrun(nproc: int, args, timeout=180):
+    """The real launcher: python -m torch.distributed.run (torchrun) on loopback."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(_free_port()), str(WORKER)] + [str(a) for a in args]
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return [(p.returncode, p.stderr)]
+
+
 def _group(recipe):
     return 16 if "†" in recipe or "_s" in recipe else -1
 
@@ -199,9 +209,9 @@ def test_two_gloo_ranks_equal_single_process_for_every_recipe_row_llama(tmp_path
     _check_equal(tmp_path, "llama", ALL_ROWS)
 
 
-def test_two_gloo_ranks_equal_single_process_qwen2_qwen3(tmp_path):
+def test_torchrun_two_gloo_ranks_equal_single_process_qwen2_qwen3(tmp_path):
     runs = {"qwen3": SUBSET, "qwen2": SUBSET[:4]}
-    _ok(launch(2, ["--arch", ";".join(runs), "--recipes", ";".join(",".join(r) for r in runs.values()),
+    _ok(torchrun(2, ["--arch", ";".join(runs), "--recipes", ";".join(",".join(r) for r in runs.values()),
                    "--out", tmp_path, "--samples", SAMPLES, "--seqlen", SEQLEN,
                    "--hessian-dtype", "float64"]))
     for arch, rows in runs.items():
