@@ -155,8 +155,10 @@ def worker(a):
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     rss = [None] * world
     dist.all_gather_object(rss, (rss0, rss1))
+    coll = [None] * world
+    dist.all_gather_object(coll, report["distributed"]["collective_s"])
     if rank == 0:
-        out = {"world": world, "wall_s": wall, "rss": rss,
+        out = {"world": world, "wall_s": wall, "rss": rss, "collective_s": coll,
                "modules": [{k: r[k] for k in ("block", "module", "shape", "scale_time_s", "ec_time_s")}
                            | {"rank": r.get("rank", 0)} for r in report["rows"]],
                "result_sha256": report["distributed"]["result_sha256"]}
@@ -261,12 +263,14 @@ def main():
     cfg = QuantConfig.recipe(a.recipe, bits=a.bits)
     pred = predict_from_one(res[1], 2, cfg)
     print()
-    print("| processes | quantize wall (s) | torchrun total (s) | per-rank peak RSS (MiB) |")
-    print("|---|---|---|---|")
+    print("| processes | quantize wall (s) | in collectives per rank (s) | torchrun total (s) | "
+          "per-rank peak RSS (MiB) |")
+    print("|---|---|---|---|---|")
     for n in (1, 2):
         r = res[n]
         rss = ", ".join(f"{x[1] / 2**20:.0f}" for x in r["rss"])
-        print(f"| {n} | {r['wall_s']:.2f} | {r['torchrun_total_s']:.1f} | {rss} |")
+        coll = ", ".join(f"{c:.2f}" for c in r["collective_s"])
+        print(f"| {n} | {r['wall_s']:.2f} | {coll} | {r['torchrun_total_s']:.1f} | {rss} |")
     print(f"\ncodes differing between the 1- and 2-process results: {diff} / {total} = {diff / total:.2e} "
           "(float32 H summed in another order)")
     print(f"\n1-process split: forwards/Hessians/other {pred['forward_etc_1']:.2f} s + module "

@@ -140,6 +140,7 @@ class DistContext:
         self.timeout_s = float(timeout_s)
         self.heartbeat_s = float(heartbeat_s)
         self.block: Optional[int] = None
+        self.collective_s = 0.0  # time inside collectives: transfers + waiting for slower ranks
         self._store = None
         self._stop = threading.Event()
         self._thread = None
@@ -249,6 +250,7 @@ class DistContext:
         t0 = time.perf_counter()
         try:
             yield
+            self.collective_s += time.perf_counter() - t0
         except DistributedQuantizationError:
             raise
         except Exception as exc:  # noqa: BLE001 - backend errors have several types
@@ -630,6 +632,7 @@ def quantize_model_distributed(model, calibration, config, *, checkpoint_dir=Non
             raise DistributedQuantizationError(
                 f"ranks ended with different quantized models (digests {digests})")
         report["distributed"]["result_sha256"] = digest
+        report["distributed"]["collective_s"] = ctx.collective_s
     finally:
         ctx.close()
     return model, report
