@@ -7,8 +7,8 @@ an in-process single-process run of the same recipe.
 
 Why float64 accumulators for the all-rows equality: a rank-sharded H is the same sum in another
 float32 order. GPTQ (damped) and RTN/PiSO absorb that (0 flips in float32 below), but Qronos' ridge
-alpha=1e-6 on the tiny random models' near-singular o_proj Hessians (cond ~2e5: attention outputs
-of a random model are close to rank-deficient) amplifies float32 rounding into flips that cascade
+alpha=1e-6 on the tiny random models' near-singular o_proj Hessians (cond ~2e5 measured: attention
+outputs of a random model are close to rank-deficient) amplifies float32 rounding into flips that cascade
 through later layers, so float32 Qronos rows differ in a few % of codes — measured and printed in
 test_float32_summation_order_flips_are_rare, where only the well-conditioned rows are bounded.
 """
