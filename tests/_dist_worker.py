@@ -23,6 +23,7 @@ def main():
     ap.add_argument("--timeout", type=float, default=30.0)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--hessian-dtype", default="float32")
+    ap.add_argument("--set", action="append", default=[], help="QuantConfig field=value (JSON value)")
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--samples", type=int, default=4)
@@ -53,7 +54,8 @@ def main():
             calib = torch.randint(0, model.config.vocab_size, (a.samples, a.seqlen), generator=g)
             cfg = QuantConfig.recipe(recipe, bits=3, group_size=16 if "†" in recipe or "_s" in recipe
                                      else -1, device=dev,
-                                     hessian_dtype=a.hessian_dtype)
+                                     hessian_dtype=a.hessian_dtype,
+                                     **{k: json.loads(v) for k, v in (x.split("=", 1) for x in a.set)})
             t0 = time.perf_counter()
             model, report = quantize_model_distributed(model, calib, cfg, checkpoint_dir=a.checkpoint,
                                                        timeout_s=a.timeout, progress=False, log=None)
