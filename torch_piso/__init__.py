@@ -52,6 +52,9 @@ def __getattr__(name):
         "find_decoder": "models",
         "decoder_layers": "models",
         "UnsupportedModelError": "models",
+        "quantize_model_distributed": "distributed",
+        "init_distributed": "distributed",
+        "DistributedQuantizationError": "distributed",
     }
     if name in table:
         return getattr(_lazy(table[name]), name)
