@@ -265,6 +265,16 @@ def test_hung_rank_times_out_naming_it(tmp_path):
     assert "rank(s) [1] timed out in block 1" in msg and "rank 1: alive, last at block 1 (start)" in msg, msg
 
 
+def test_module_failure_on_one_rank_stops_every_rank_with_its_error(tmp_path):
+    args = ["--arch", "llama", "--recipes", "gptq*piso", "--out", tmp_path, "--samples", SAMPLES,
+            "--seqlen", SEQLEN, "--timeout", 30]
+    res = launch(2, args, env={"TORCH_PISO_FAULT": "1:1:raise"}, timeout=60)
+    for rc, err in res:
+        assert rc == 3, err[-3000:]
+        msg = [l for l in err.splitlines() if "DistributedQuantizationError" in l][0]
+        assert "rank(s) [1] failed in block 1" in msg and "injected failure" in msg, msg
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="NCCL needs a CUDA GPU; none on this machine")
 def test_nccl_one_rank_equals_single_process(tmp_path):
     from torch_piso import ops

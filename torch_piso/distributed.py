@@ -307,13 +307,18 @@ class DistContext:
 
 
 def _fault_hook(block: int, where: str, rank: int) -> None:
-    """Test-only fault injection: TORCH_PISO_FAULT="rank:block:exit|hang" kills or hangs that rank at
-    the start of that block (used by tests/test_distributed.py)."""
+    """Test-only fault injection: TORCH_PISO_FAULT="rank:block:exit|hang|raise" kills or hangs that
+    rank at the start of that block, or makes its first module quantization there raise (used by
+    tests/test_distributed.py)."""
     spec = os.environ.get("TORCH_PISO_FAULT")
-    if not spec or where != "start":
+    if not spec:
         return
     r, b, kind = spec.split(":")
     if int(r) == rank and int(b) == block:
+        if kind == "raise" and where == "quantize":
+            raise RuntimeError("injected failure (TORCH_PISO_FAULT)")
+        if where != "start":
+            return
         if kind == "exit":
             os._exit(17)
         if kind == "hang":
@@ -484,12 +489,26 @@ def quantize_group_parallel(runner, mods: dict, names: Sequence[str], res: dict,
     costs = {n: module_cost(mods[n].out_features, mods[n].in_features, cfg, mode) for n in names}
     owner = assign_modules(costs, ctx.world_size)
     local = {}
+    error = None
     for n in names:
         if owner[n] == ctx.rank:
-            H, G, _T = res[n]
-            q, row = runner._quantize_one(prefix + n, mods[n], H, G, H_fp, mode, obj, block)
+            try:
+                _fault_hook(block, "quantize", ctx.rank)
+                H, G, _T = res[n]
+                q, row = runner._quantize_one(prefix + n, mods[n], H, G, H_fp, mode, obj, block)
+            except Exception as exc:  # noqa: BLE001 - reported to every rank below
+                error = f"{prefix + n}: {type(exc).__name__}: {exc}"
+                break
             row["rank"] = ctx.rank
             local[n] = (q, row)
+    # rows (and errors) first: a failing owner must not leave the others waiting in a broadcast
+    with ctx.step(f"gather results of {','.join(names)}"):
+        gathered = ctx.all_gather_object({"rows": {n: r for n, (_q, r) in local.items()}, "error": error})
+    failed = {r: g["error"] for r, g in enumerate(gathered) if g["error"]}
+    if failed:
+        raise DistributedQuantizationError(
+            f"torch_piso distributed quantization stopped: rank(s) {sorted(failed)} failed in block "
+            f"{ctx.block}: " + "; ".join(f"rank {r}: {e}" for r, e in failed.items()))
     new = {}
     gs = cfg.group_size
     with ctx.step(f"broadcast codes/scales of {','.join(names)}"):
@@ -512,10 +531,9 @@ def quantize_group_parallel(runner, mods: dict, names: Sequence[str], res: dict,
                 new[n] = QuantLinear.from_linear(lin, codes, scales, cfg.bits, gs)
                 if mode == "scales":
                     runner.fixed_scales[prefix + n] = scales.cpu()
-        gathered = ctx.all_gather_object({n: r for n, (_q, r) in local.items()})
     rows_by = {}
     for d in gathered:
-        rows_by.update(d)
+        rows_by.update(d["rows"])
     rows = [rows_by[n] for n in names]
     if mode == "scales":
         for n in names:
