@@ -52,8 +52,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _port_taken(results) -> bool:
+    return any(rc != 0 and "address already in use" in (err or "").lower() for rc, err in results)
+
+
 def launch(world: int, args, env=None, timeout=120, grace=15):
-    """Runs the worker on `world` ranks like torchrun would; returns [(returncode, stderr)]."""
+    """Runs the worker on `world` ranks like torchrun would; returns [(returncode, stderr)]. Retries
+    once when the free port picked was taken by another process in between (shared machine)."""
+    out = _launch(world, args, env, timeout, grace)
+    return _launch(world, args, env, timeout, grace) if _port_taken(out) else out
+
+
+def _launch(world, args, env, timeout, grace):
     port = _free_port()
     procs = []
     for r in range(world):
@@ -87,6 +97,9 @@ def torchrun(nproc: int, args, timeout=180):
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if _port_taken([(p.returncode, p.stderr)]):
+        cmd[cmd.index("--master_port") + 1] = str(_free_port())
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     return [(p.returncode, p.stderr)]
 
 
