@@ -123,9 +123,9 @@ def calibration_windows(ids: Tensor, n_samples: int, seqlen: int, seed: int = 0,
     if body < 1 and bos_token_id is not None:
         raise ValueError("calibration_windows: seqlen must be at least 2 with a BOS token")
     n = ids.numel()
-    if n < body + 1:
-        raise ValueError(f"calibration_windows: the calibration text is too short: windows of {body} "
-                         f"text tokens need at least {body + 1} tokens, only {n} available "
+    if n < body:
+        raise ValueError(f"calibration_windows: the calibration text is too short: windows of "
+                         f"{seqlen} tokens need at least {body} text tokens, only {n} available "
                          f"(use a longer --text, or a smaller --seqlen)")
     g = torch.Generator().manual_seed(int(seed))
     starts = torch.randint(0, n - body + 1, (n_samples,), generator=g)

@@ -90,7 +90,7 @@ def load_model(spec: Union[str, os.PathLike, None] = None, dtype: torch.dtype = 
         d, name = str(p.parent), p.name
         try:
             tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
-            model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, torch_dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=dtype)
         except Exception as exc:  # transformers raises many kinds
             raise ModelLoadError(f"{p}: could not load as a GGUF causal LM: {exc}") from exc
         return _finish(model, tok, dtype)
@@ -100,7 +100,7 @@ def load_model(spec: Union[str, os.PathLike, None] = None, dtype: torch.dtype = 
         if not (p / "config.json").is_file():
             raise ModelLoadError(f"{p}: not a HF model directory (no config.json)")
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(p), torch_dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype)
         except Exception as exc:
             raise ModelLoadError(f"{p}: could not load the model: {exc}") from exc
         try:
@@ -113,7 +113,7 @@ def load_model(spec: Union[str, os.PathLike, None] = None, dtype: torch.dtype = 
         raise ModelLoadError(f"{s}: no such file or directory (and not a hub id of the form org/name)")
     try:
         tok = AutoTokenizer.from_pretrained(s)
-        model = AutoModelForCausalLM.from_pretrained(s, torch_dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(s, dtype=dtype)
     except Exception as exc:
         raise ModelLoadError(f"{s}: not a local path, and loading it from the Hugging Face hub failed "
                              f"(offline? use a local directory, a .gguf file, or the default model): "
