@@ -39,6 +39,19 @@ def __getattr__(name):
     table = {
         "HessianCollector": "hessian",
         "Hessians": "hessian",
+        "QuantConfig": "config",
+        "RECIPES": "config",
+        "quantize_model": "pipeline",
+        "quantize_model_with_report": "pipeline",
+        "CalibrationError": "pipeline",
+        "QuantLinear": "nn",
+        "replace_linear": "nn",
+        "save_quantized": "io",
+        "load_quantized": "io",
+        "QuantizedCheckpointError": "io",
+        "find_decoder": "models",
+        "decoder_layers": "models",
+        "UnsupportedModelError": "models",
     }
     if name in table:
         return getattr(_lazy(table[name]), name)
