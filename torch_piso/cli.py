@@ -244,7 +244,7 @@ def _fmt_table(rows) -> str:
 
 def run_recipes(model, tok, ids, recipes, *, bits, group_size, samples, seqlen, eval_tokens,
                 calib_fraction=0.5, device=None, seed=0, progress=True, extra_overrides=None,
-                include_float=True, log=print):
+                include_float=True, log=print, verbose=False):
     """The demo's loop, shared with benchmarks/bench_pipeline.py: float baseline, then each recipe on
     a deep copy of ``model``. Returns a list of row dicts."""
     from .config import QuantConfig
@@ -284,8 +284,12 @@ def run_recipes(model, tok, ids, recipes, *, bits, group_size, samples, seqlen, 
                "group_size": group_size, "config": cfg.to_dict()}
         try:
             t0 = time.perf_counter()
-            qmodel = quantize_model(qmodel, calib, cfg, progress=progress)
+            qmodel = quantize_model(qmodel, calib, cfg, progress=progress,
+                                    log=print if verbose else None)
             row["quantize_s"] = time.perf_counter() - t0
+            tot = (getattr(qmodel, "piso_report", None) or {}).get("totals", {})
+            row["layer_loss_absmax_rtn"] = tot.get("loss_before")
+            row["layer_loss"] = tot.get("loss_after")
             t0 = time.perf_counter()
             row["perplexity"] = perplexity(qmodel, eval_ids, seqlen=seqlen, device=device,
                                            progress=progress)
@@ -323,7 +327,7 @@ def cmd_demo(args) -> int:
     rows = run_recipes(model, tok, ids, recipes, bits=args.bits, group_size=args.group_size,
                        samples=args.samples, seqlen=args.seqlen, eval_tokens=args.eval_tokens,
                        calib_fraction=args.calib_fraction, device=args.device, seed=args.seed,
-                       progress=not args.quiet)
+                       progress=not args.quiet, verbose=args.verbose)
     total = time.perf_counter() - t_start
     table = _fmt_table(rows)
     print()
@@ -413,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--eval-tokens", type=int, default=16384)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out-dir", default="outputs")
+    d.add_argument("--verbose", action="store_true", help="print the per-module table of each recipe")
     d.set_defaults(func=cmd_demo)
     return ap
 
