@@ -28,6 +28,17 @@ import torch
 
 DEMO_RECIPES = ("rtn-absmax", "rtn-piso", "gptq-absmax", "gptq*piso", "qronos*piso")
 RUN_JSON = "piso_run.json"
+#: The paper's channel-wise rows (11): scales absmax / data-free / PiSO x RTN / GPTQ / Qronos, with
+#: PiSO decoupled (+) or interleaved (⊙, once per layer on the EC algorithm's own H).
+PAPER_CHANNELWISE = ("rtn-absmax", "rtn-data-free", "rtn-piso",
+                     "gptq-absmax", "gptq-data-free", "gptq+piso", "gptq*piso",
+                     "qronos-absmax", "qronos-data-free", "qronos+piso", "qronos*piso")
+#: The paper's group-wise rows: PiSO_I / PiSO_S, decoupled (+), layer- (⊙*) and group-interleaved (⊙†).
+PAPER_GROUPWISE = ("rtn-absmax", "rtn-data-free", "rtn-piso", "rtn-piso_s",
+                   "gptq-absmax", "gptq-data-free", "gptq+piso", "gptq+piso_s", "gptq*piso",
+                   "gptq*piso_s", "gptq†data-free", "gptq†piso", "gptq†piso_s",
+                   "qronos-absmax", "qronos-data-free", "qronos+piso", "qronos+piso_s", "qronos*piso",
+                   "qronos*piso_s", "qronos†data-free", "qronos†piso", "qronos†piso_s")
 
 
 # ---------------------------------------------------------------------------------- helpers
