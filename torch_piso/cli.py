@@ -423,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--bits", type=int, default=3)
     d.add_argument("--group-size", type=int, default=-1)
     d.add_argument("--recipes", default=",".join(DEMO_RECIPES))
-    d.add_argument("--samples", type=int, default=32)
+    d.add_argument("--samples", type=int, default=16)
     d.add_argument("--seqlen", type=int, default=512)
     d.add_argument("--eval-tokens", type=int, default=16384)
     d.add_argument("--seed", type=int, default=0)
