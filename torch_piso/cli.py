@@ -445,3 +445,8 @@ def main(argv=None) -> int:
     except (ModelLoadError, TextLoadError, QuantizedCheckpointError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ValueError as exc:  # bad arguments found late (text too short, group size, recipe ...)
+        if os.environ.get("PISO_TRACEBACK"):
+            raise
+        print(f"error: {exc} (set PISO_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 2
