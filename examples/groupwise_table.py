@@ -23,6 +23,7 @@ def main(argv=None):
     ap.add_argument("--rows", default=",".join(PAPER_GROUPWISE))
     ap.add_argument("--samples", type=int, default=128, help="paper: 128 x 2048")
     ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--eval-seqlen", type=int, default=None, help="perplexity window (default: --seqlen)")
     ap.add_argument("--eval-tokens", type=int, default=0, help="0: all of the held-out part")
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
@@ -33,7 +34,8 @@ def main(argv=None):
     # the recipes' own group_size (32 for the † / _s rows) is overridden by --group-size
     rows = run_recipes(model, tok, ids, args.rows.split(","), bits=args.bits,
                        group_size=args.group_size, samples=args.samples, seqlen=args.seqlen,
-                       eval_tokens=args.eval_tokens or None, device=args.device)
+                       eval_tokens=args.eval_tokens or None, device=args.device,
+                       eval_seqlen=args.eval_seqlen)
     print(_fmt_table(rows))
 
 

@@ -137,7 +137,8 @@ def test_demo_tiny(assets, tmp_path, capsys):
     model_dir, text, _ = assets
     rc = main(["demo", "--model", str(model_dir), "--text", str(text), "--recipes",
                "rtn-absmax,rtn-piso", "--bits", "4", "--samples", "4", "--seqlen", "32",
-               "--eval-tokens", "256", "--out-dir", str(tmp_path), "--quiet"])
+               "--eval-tokens", "256", "--eval-seqlen", "32", "--out-dir", str(tmp_path),
+               "--quiet"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "| float |" in out and "| rtn-piso |" in out
