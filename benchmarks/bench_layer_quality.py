@@ -31,7 +31,8 @@ import torch
 
 import torch_piso
 from torch_piso.data import calibration_windows, load_text, tokenize
-from torch_piso.models import decoder_layers, load_model
+from torch_piso.load import load_model
+from torch_piso.models import decoder_layers
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

