@@ -298,3 +298,32 @@ def test_nccl_one_rank_equals_single_process(tmp_path):
                    SAMPLES, "--seqlen", SEQLEN, "--backend", "nccl"]))
     for recipe in ("rtn-piso", "gptq*piso"):
         assert (tmp_path / f"llama-{recipe}.safetensors").exists()
+
+
+def test_cli_quantize_under_torchrun_equals_single_process_cli(tmp_path):
+    """`torchrun --nproc_per_node 2 -m torch_piso quantize ...` saves what the 1-process CLI saves."""
+    from safetensors.torch import load_file
+
+    from tiny_assets import make_tiny_model_dir, tiny_text
+    from torch_piso.cli import main
+
+    model_dir = make_tiny_model_dir(tmp_path / "tiny-llama")
+    text = tmp_path / "text.txt"
+    text.write_text(tiny_text(6000))
+    common = ["quantize", "--model", str(model_dir), "--text", str(text), "--recipe", "gptq*piso",
+              "--bits", "4", "--samples", "4", "--seqlen", "32", "--device", "cpu", "--quiet"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+           "127.0.0.1", "--master_port", str(_free_port()), "-m", "torch_piso"] + common + \
+        ["--out", str(tmp_path / "dist"), "--checkpoint-dir", str(tmp_path / "ckpt")]
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert main(common + ["--out", str(tmp_path / "single")]) == 0
+    a = load_file(str(tmp_path / "dist" / "model.safetensors"))
+    b = load_file(str(tmp_path / "single" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    packed = [k for k in a if k.endswith(".packed")]
+    assert packed and all(torch.equal(a[k], b[k]) for k in packed)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5) for k in a if k.endswith(".scales"))
+    assert json.loads((tmp_path / "ckpt" / "manifest.json").read_text())["blocks"]

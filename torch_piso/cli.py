@@ -165,7 +165,26 @@ def cmd_quantize(args) -> int:
           f"calibration {tuple(calib.shape)} from the first {int(ids.numel() * args.calib_fraction)}")
     _reset_cuda_peak(cfg.device)
     t0 = time.perf_counter()
-    model = quantize_model(model, calib, cfg, progress=not args.quiet)
+    # under torchrun (WORLD_SIZE > 1) or with --distributed: torch_piso.distributed, rank 0 reports
+    distributed = args.distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        from .distributed import init_distributed, quantize_model_distributed
+
+        ctx = init_distributed(args.backend, timeout_s=args.dist_timeout)
+        model, _ = quantize_model_distributed(model, calib, cfg, checkpoint_dir=args.checkpoint_dir,
+                                              timeout_s=args.dist_timeout, progress=not args.quiet)
+        if ctx.rank != 0:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            return 0
+    elif args.checkpoint_dir:
+        from .pipeline import quantize_model_with_report
+
+        model, _ = quantize_model_with_report(model, calib, cfg, progress=not args.quiet,
+                                              checkpoint_dir=args.checkpoint_dir)
+    else:
+        model = quantize_model(model, calib, cfg, progress=not args.quiet)
     t_quant = time.perf_counter() - t0
     result = {"command": "quantize", "argv": sys.argv, "model": str(args.model or "default"),
               "text": str(args.text or "default"), "config": cfg.to_dict(),
@@ -190,6 +209,10 @@ def cmd_quantize(args) -> int:
             tok.save_pretrained(str(out))
         _write_json(out / RUN_JSON, result)
         print(f"# saved to {out}")
+    if distributed:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return 0
 
 
@@ -407,6 +430,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-tokens", type=int, default=0,
                    help="also report perplexity on this many held-out tokens (0: no)")
     q.add_argument("--eval-seqlen", type=int, default=None)
+    q.add_argument("--checkpoint-dir", default=None,
+                   help="save each finished block there; a rerun resumes after the last one")
+    q.add_argument("--distributed", action="store_true",
+                   help="run on a torch.distributed group (implied under torchrun with WORLD_SIZE > 1)")
+    q.add_argument("--backend", default=None, help="gloo or nccl (default: nccl with CUDA, else gloo)")
+    q.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="seconds a collective may wait for a rank before the job stops")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity of a float or quantized model")
