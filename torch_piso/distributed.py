@@ -116,7 +116,7 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) ->
             torch.cuda.set_device(lr)
             kw["device_id"] = torch.device("cuda", lr)
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kw)
-    return DistContext(timeout_s=timeout_s)
+    return DistContext(timeout_s=timeout_s, heartbeat=False)
 
 
 class DistContext:
@@ -126,7 +126,8 @@ class DistContext:
     every collective; when a collective fails, :meth:`step` reads them to say which rank stopped
     (heartbeat stale: died) or lagged (progress behind: hung or slow)."""
 
-    def __init__(self, group=None, timeout_s: float = 600.0, heartbeat_s: float = 1.0):
+    def __init__(self, group=None, timeout_s: float = 600.0, heartbeat_s: float = 1.0,
+                 heartbeat: bool = True):
         import torch.distributed as dist
 
         if not dist.is_initialized():
@@ -144,7 +145,8 @@ class DistContext:
         self._store = None
         self._stop = threading.Event()
         self._thread = None
-        self._start_heartbeat()
+        if heartbeat:
+            self._start_heartbeat()
 
     # device the collectives need (NCCL: the rank's GPU)
     @property

@@ -442,13 +442,25 @@ class HessianCollector:
                                f"{layouts}")
         if not accs:
             return
-        dev = accs[0].H.device
-        counts = torch.tensor([[a.tokens, a.paired_tokens] for a in accs], dtype=torch.int64, device=dev)
-        dist.all_reduce(counts, group=group)
+        # NCCL reduces only CUDA tensors: accumulators kept on the CPU travel through the rank's GPU
+        comm = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend(group) == "nccl" else None
+
+        def reduce(t):
+            if comm is None or t.device == comm:
+                dist.all_reduce(t, group=group)
+            else:
+                x = t.to(comm)
+                dist.all_reduce(x, group=group)
+                t.copy_(x)
+
+        counts = torch.tensor([[a.tokens, a.paired_tokens] for a in accs], dtype=torch.int64,
+                              device=accs[0].H.device)
+        reduce(counts)
         for a, (t, p) in zip(accs, counts.tolist()):
-            dist.all_reduce(a.H, group=group)
+            reduce(a.H)
             if a.G is not None:
-                dist.all_reduce(a.G, group=group)
+                reduce(a.G)
             a.tokens, a.paired_tokens, a.reduced = int(t), int(p), True
 
     def tokens(self, name: str) -> int:
