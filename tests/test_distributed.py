@@ -185,6 +185,30 @@ def test_checkpoint_refuses_another_run(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporaries
 
 
+def test_collector_all_reduce_is_final_and_keeps_normalization(tmp_path):
+    import torch.distributed as dist
+    from torch import nn
+
+    from torch_piso.hessian import HessianCollector
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        lin = nn.Linear(8, 4)
+        x = torch.randn(5, 8)
+        with HessianCollector(lin, [lin]) as hc:
+            lin(x)
+            hc.all_reduce_()
+            with pytest.raises(RuntimeError, match="all_reduce_"):
+                lin(x)  # statistics are final once summed across ranks
+            with pytest.raises(RuntimeError, match="already reduced"):
+                hc.all_reduce_()
+            H, _, T = hc.pop("")
+        assert T == 5 and torch.allclose(H, x.T @ x / 5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_single_process_checkpoint_resumes_every_finished_block(tmp_path):
     ref, rep = single_process("llama", "gptq+piso", "float32", checkpoint_dir=tmp_path)
     assert rep["checkpoint"]["computed_blocks"] == ["scales/0", "scales/1", "final/0", "final/1"]
