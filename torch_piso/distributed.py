@@ -169,10 +169,12 @@ class DistContext:
             return
         self._store.set(f"hb/{self.rank}", repr(time.time()))
 
+        store = self._store
+
         def beat():
             while not self._stop.wait(self.heartbeat_s):
                 try:
-                    self._store.set(f"hb/{self.rank}", repr(time.time()))
+                    store.set(f"hb/{self.rank}", repr(time.time()))
                 except Exception:  # noqa: BLE001
                     return
 
@@ -186,7 +188,13 @@ class DistContext:
         _fault_hook(index, "start", self.rank)
 
     def close(self):
+        """Stops the heartbeat and waits for it: a daemon thread caught inside a store call at
+        interpreter exit aborts the process ("terminate called without an active exception")."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        self._store = None
 
     def _mark(self, block, what):
         if self._store is not None:
