@@ -295,7 +295,7 @@ def test_dead_rank_stops_the_job_naming_rank_and_block_then_rerun_resumes(tmp_pa
 
 def test_hung_rank_times_out_naming_it(tmp_path):
     args = ["--arch", "llama", "--recipes", "rtn-absmax", "--out", tmp_path, "--samples", SAMPLES,
-            "--seqlen", SEQLEN, "--timeout", 6]
+            "--seqlen", SEQLEN, "--timeout", 4]
     (rc0, err0), (rc1, _) = launch(2, args, env={"TORCH_PISO_FAULT": "1:1:hang"}, timeout=60, grace=1)
     assert rc0 == 3, err0[-3000:]
     msg = [l for l in err0.splitlines() if "DistributedQuantizationError" in l][0]
