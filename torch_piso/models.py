@@ -41,6 +41,20 @@ def _conv1d_types():
         return ()
 
 
+def _getter_or_attr(owner: nn.Module, getter: str, attr: str):
+    """owner.<getter>() when HF implements it (the base class raises NotImplementedError), else
+    owner.<attr>, else None."""
+    get = getattr(owner, getter, None)
+    if callable(get):
+        try:
+            found = get()
+        except (NotImplementedError, AttributeError):
+            found = None
+        if found is not None:
+            return found
+    return getattr(owner, attr, None)
+
+
 def find_decoder(model: nn.Module) -> DecoderParts:
     """The decoder's parts, found by structure. Raises UnsupportedModelError with the reason."""
     if not isinstance(model, nn.Module):
@@ -76,14 +90,7 @@ def find_decoder(model: nn.Module) -> DecoderParts:
     base = mods[base_name]
     embed = None
     for owner in (base, model):
-        get = getattr(owner, "get_input_embeddings", None)
-        if callable(get):
-            try:
-                embed = get()
-            except (NotImplementedError, AttributeError):
-                embed = None
-        if embed is None:
-            embed = getattr(owner, "embed_tokens", None)
+        embed = _getter_or_attr(owner, "get_input_embeddings", "embed_tokens")
         if isinstance(embed, nn.Embedding):
             break
         embed = None
@@ -94,15 +101,7 @@ def find_decoder(model: nn.Module) -> DecoderParts:
     if norm is None:
         norm = getattr(base, "final_layernorm", None) or getattr(base, "ln_f", None)
     rotary = getattr(base, "rotary_emb", None)
-    lm_head = None
-    get_out = getattr(model, "get_output_embeddings", None)
-    if callable(get_out):
-        try:
-            lm_head = get_out()
-        except (NotImplementedError, AttributeError):
-            lm_head = None
-    if lm_head is None:
-        lm_head = getattr(model, "lm_head", None)
+    lm_head = _getter_or_attr(model, "get_output_embeddings", "lm_head")
     return DecoderParts(base=base, layers_name=best_name, layers=best, embed_tokens=embed, norm=norm,
                         rotary_emb=rotary, lm_head=lm_head)
 
