@@ -68,6 +68,7 @@ def main() -> int:
                     help="rows timed for D >= 2048 on CPU (extrapolated linearly to N)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-cuda", action="store_true")
+    ap.add_argument("--devices", default="auto", help="cpu, cuda, cpu,cuda or auto (cpu + cuda if present)")
     args = ap.parse_args()
 
     print(f"machine : {platform.node()} | {cpu_name()} | {os.cpu_count()} logical CPUs | "
@@ -85,6 +86,10 @@ def main() -> int:
             devices.append("cuda")
         else:
             print("cuda    : skipped (no CUDA GPU visible or no CUDA kernels in this build)\n")
+    if args.devices != "auto":
+        devices = args.devices.split(",")
+    if "cuda" in devices:
+        print(f"gpu     : {torch.cuda.get_device_name()}")
 
     hdr = (f"{'device':<6} {'N=D':>6} {'bits':>4} {'rows timed':>10} {'PiSO s':>10} {'GEMM s':>9} "
            f"{'PiSO/GEMM':>10} {'frac. of GEMM thr.':>19}")

@@ -1,6 +1,7 @@
-"""dequant_matmul vs a dense float32 matmul on CPU for one square layer.
+"""dequant_matmul vs a dense matmul (same dtype) for one square layer, on CPU or CUDA.
 
     python benchmarks/bench_qlinear.py [--dim 2048] [--tokens 1 512] [--bits 4 3] [--group-size 128]
+    python benchmarks/bench_qlinear.py --device cuda --dtype bfloat16 --dim 4096 --tokens 1 16 512
 
 Reports the median time of each and the ratio (quantized / dense; < 1 means the packed layer is
 faster), plus the weight memory of both. Keep runs short: the numbers are for the README.
@@ -23,11 +24,21 @@ import torch_piso  # noqa: E402,F401
 from torch_piso.reference.qlinear import absmax_scales, quantize_rtn_reference  # noqa: E402
 
 
-def median_time(fn, min_time=0.5, max_reps=200):
-    fn()  # warm-up (thread pools, first-touch of the scratch)
+def median_time(fn, min_time=0.5, max_reps=200, cuda=False):
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    fn()  # warm-up (thread pools, first-touch of the scratch, kernel load)
+    sync()
     times = []
     start = time.perf_counter()
     while len(times) < max_reps and (time.perf_counter() - start < min_time or len(times) < 5):
+        if cuda:  # device events around the call (the work is asynchronous)
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+            continue
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -42,6 +53,8 @@ def main():
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     ap.add_argument("--group-size", type=int, default=128, help="-1 for per channel")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", help="activation/dense dtype: float32, bfloat16, float16")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -55,10 +68,14 @@ def main():
                 break
     except OSError:
         pass
+    dev, dt = torch.device(args.device), getattr(torch, args.dtype)
+    cuda = dev.type == "cuda"
+    if cuda:
+        cpu = torch.cuda.get_device_name(dev)
     print(f"machine : {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"command : python {' '.join(shlex.quote(a) for a in sys.argv)}")
     print(f"date    : {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
-    print(f"layer   : {N} x {D}, group_size {args.group_size}, x float32")
+    print(f"layer   : {N} x {D}, group_size {args.group_size}, x {args.dtype} on {dev}")
     print()
     print(f"{'bits':>4} {'tokens':>6} {'dense ms':>9} {'quant ms':>9} {'ratio':>6} "
           f"{'dense MB':>9} {'quant MB':>9}")
@@ -69,13 +86,15 @@ def main():
     for bits in args.bits:
         s = absmax_scales(W, bits, gs).float()
         codes = quantize_rtn_reference(W, s, bits, gs)
-        packed = torch.ops.piso.pack(codes, bits)
+        packed = torch.ops.piso.pack(codes, bits).to(dev)
+        s_d, W_d = s.to(dev), W.to(device=dev, dtype=dt)
         for M in args.tokens:
-            x = torch.randn(M, D)
-            t_dense = median_time(lambda: torch.mm(x, W.t()))
-            t_q = median_time(lambda: torch.ops.piso.dequant_matmul(x, packed, s, bits, gs, D))
+            x = torch.randn(M, D).to(device=dev, dtype=dt)
+            t_dense = median_time(lambda: torch.mm(x, W_d.t()), cuda=cuda)
+            t_q = median_time(lambda: torch.ops.piso.dequant_matmul(x, packed, s_d, bits, gs, D),
+                              cuda=cuda)
             print(f"{bits:>4} {M:>6} {t_dense * 1e3:>9.3f} {t_q * 1e3:>9.3f} {t_q / t_dense:>6.2f} "
-                  f"{W.numel() * 4 / 2**20:>9.2f} "
+                  f"{W_d.numel() * W_d.element_size() / 2**20:>9.2f} "
                   f"{(packed.numel() * 4 + s.numel() * 4) / 2**20:>9.2f}")
 
 

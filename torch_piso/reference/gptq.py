@@ -201,7 +201,7 @@ def gptq_speed_reference(W: Tensor, H: Tensor, bits: int, block_size: int = 128,
     W[:, dead] = 0
     perm = torch.argsort(torch.diag(H), descending=True)
     W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(D, dtype=H.dtype)
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(D, dtype=H.dtype, device=H.device)
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     Q = torch.zeros_like(W)
     for i1 in range(0, D, block_size):
