@@ -88,12 +88,14 @@ std::tuple<at::Tensor, at::Tensor> sweep(const at::Tensor& W_in, const at::Tenso
 
   if (algo == SweepAlgo::Auto) algo = W.is_cpu() ? SweepAlgo::Sequential : SweepAlgo::EventParallel;
   SweepResult res;
-  if (algo == SweepAlgo::Sequential) {
+  if (algo != SweepAlgo::EventParallel) {
+    const int u_method = algo == SweepAlgo::SequentialPrefix ? 1 : (algo == SweepAlgo::SequentialEvents ? 2 : 0);
     if (W.is_cpu()) {
-      res = sweep_sequential_cpu(W, lin, H, qmin, qmax, eps, f32);
+      res = sweep_sequential_cpu(W, lin, H, qmin, qmax, eps, f32, u_method);
     } else {
       // The sequential sweep is a CPU algorithm; on other devices it runs on a CPU copy.
-      auto r = sweep_sequential_cpu(W.cpu(), lin.cpu(), H.defined() ? H.cpu() : H, qmin, qmax, eps, f32);
+      auto r = sweep_sequential_cpu(W.cpu(), lin.cpu(), H.defined() ? H.cpu() : H, qmin, qmax, eps, f32,
+                                    u_method);
       res = {r.scale.to(W.device()), r.objective.to(W.device()), r.found.to(W.device())};
     }
   } else {
@@ -135,7 +137,10 @@ detail::SweepAlgo parse_algo(c10::string_view s) {
   if (s == "auto") return detail::SweepAlgo::Auto;
   if (s == "sequential") return detail::SweepAlgo::Sequential;
   if (s == "event_parallel") return detail::SweepAlgo::EventParallel;
-  TORCH_CHECK(false, "algorithm: expected 'auto', 'sequential' or 'event_parallel', got '",
+  if (s == "sequential_prefix") return detail::SweepAlgo::SequentialPrefix;
+  if (s == "sequential_events") return detail::SweepAlgo::SequentialEvents;
+  TORCH_CHECK(false, "algorithm: expected 'auto', 'sequential', 'event_parallel', 'sequential_prefix' "
+              "or 'sequential_events', got '",
               std::string(s), "'");
 }
 

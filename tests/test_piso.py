@@ -71,7 +71,8 @@ def test_optimal_scales_no_worse_than_brute_force(bits, hkind, wkind):
         assert (e <= e_b + tol(e_b)).all(), (e, e_b)
 
 
-@pytest.mark.parametrize("algorithm", ["sequential", "event_parallel"])
+@pytest.mark.parametrize("algorithm", ["sequential", "event_parallel", "sequential_prefix",
+                                       "sequential_events"])
 @pytest.mark.parametrize("dtype", [f64, torch.float32])
 def test_sweep_objective_is_the_objective_at_the_returned_scale(algorithm, dtype):
     """The scale, in its returned dtype, reproduces the interval whose objective the sweep found
@@ -132,6 +133,32 @@ def test_event_parallel_equals_sequential(hkind):
         same = (s1 == s2) | torch.isclose(ref.objective_lin(W, lin, s2, H, qmin, qmax), o1,
                                           rtol=1e-9, atol=1e-12)
         assert same.all()
+
+
+@pytest.mark.parametrize("wkind", ["gauss", "ties", "bf16"])
+def test_prefix_u_equals_per_event_updates_and_brute_force(wkind):
+    """The two ways to the u values of the CPU sweep (prefix sums over coordinates sorted by |w|, and
+    one row of H per breakpoint event) give the same objective, with exact ties, both grid kinds,
+    dead coordinates and zero weights; and both reach the brute-force optimum."""
+    gen = torch.Generator().manual_seed(zlib.crc32(wkind.encode()))
+    for trial in range(8):
+        bits = [2, 3, 4, 5][trial % 4]
+        qmin, qmax = ref.int_grid(bits, trial % 3 == 1)
+        D = [9, 40, 130, 300][trial % 4]
+        W = make_W(wkind, 7, D, gen, f64 if trial % 2 else torch.float32)
+        W[0] = 0
+        W[1, : D // 2] = 0
+        H = spd(D, gen, dead=(0, D - 1)).to(torch.float32 if trial % 3 == 0 else f64)
+        lin = torch.randn(7, D, dtype=f64, generator=gen) if trial % 2 else ref._lin(W, H, None)
+        lin[:, [0, D - 1]] = 0  # as (G w)_i for a dead input i, where X~ (hence G's row i) is zero
+        s1, o1 = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, "sequential_prefix")
+        s2, o2 = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, "sequential_events")
+        torch.testing.assert_close(o1, o2, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ref.objective_lin(W, lin, s1, H, qmin, qmax), o1, rtol=1e-9,
+                                   atol=1e-9)
+        if D <= 40:
+            e_b, _ = ref.brute_force_lin(W, lin, H, qmin, qmax, n=1000)
+            assert (o1 <= e_b + tol(e_b)).all()
 
 
 def test_dense_equals_diagonal_when_H_is_diagonal():

@@ -10,22 +10,22 @@
 // clipped minimizer is a candidate (place_scale). Tie groups need no special handling: the
 // intervals between equal keys have zero width and are skipped.
 //
-// Speed (dense H). The u_e cost O(d) each, 2^(b-1) d^2 additions per row, the time sink. The
-// textbook form h += delta H[:, i] streams a whole row of H from memory per event (31 MB per row at
-// d = 1024, 4 bits), so it runs at memory bandwidth. Here u is computed first, cache-blocked over
-// the updating coordinate: for each panel J of coordinates (H[J, :], ~512 KiB, stays in L2),
+// Speed (dense H). The u_e cost O(d) each, 2^(b-1) d^2 additions per row with one row of H per event.
+// Two ways to them, the cheaper chosen per layer (use_prefix_u):
+// - prefix_u (4 Lmax^2 <= d, e.g. 4 bits from d = 256): coordinates sorted by |w|; the u value of
+//   each event is a sum over levels of prefix sums of H's rows in that order, read from one pass of
+//   n row additions (n d instead of 2^(b-1) n d) -- see prefix_u.
+// - dense_u (wide grids on narrow layers): per-event updates, cache-blocked over the updating
+//   coordinate: for each panel J of coordinates (H[J, :], ~512 KiB, stays in L2),
 //     h_J = H[:, J] q_J,   u_e += h_J[i_e]  for every event e,   h_J += delta H[:, j]  for e in J,
-// walking all events in sweep order; H is read from memory once per row instead of 2^(b-1) times.
-// Updates are applied one at a time: batching several rows per pass of h would need the pending
-// rows' entries H[j_c, i] at every read, a cache miss per pending row on large layers (measured:
-// 10x slower at d = 4096), while h itself stays in L1/L2 and the float->double conversion of H,
-// not the h traffic, bounds the add loop.
-// Float32 H is kept as float32 (half the traffic) and widened exactly to fp64 in the adds; h, u,
-// alpha, beta are fp64. Events are sorted with an LSD radix sort on the fp64 key bits (stable, so
-// ties keep coordinate order), several times faster than a comparison sort at these sizes.
+//   walking all events in sweep order; H is read from memory once per row instead of 2^(b-1) times.
+// Float32 H is kept as float32 (half the traffic) and widened exactly to fp64 in the adds; sums,
+// alpha, beta are fp64. Events come from one sort of the coordinates by |w| and an Lmax-way merge of
+// the per-level key lists (build_events).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -37,74 +37,93 @@ namespace {
 
 // Per-thread scratch of one row.
 struct Work {
-  std::vector<uint64_t> kb, kb2;
-  std::vector<int32_t> co, co2;
   std::vector<double> key, dl, u, hblk;
-  std::vector<int32_t> coord, bstart, blist;
+  std::vector<int32_t> coord, eid;
+  // Coordinates by |w| descending (ord, pos = inverse), their keys per level K_m[x] (keyl, n + 1
+  // per level with a -inf sentinel), and prefix_u's pointers and accumulators.
+  std::vector<int32_t> ord, pos, ptr;
+  std::vector<double> keyl, accp, accn, U;
+  struct Head {
+    double key;
+    int32_t coord, m, x;
+  };
+  std::vector<Head> heads;
 };
 
-// Breakpoints of one row into wk.key / wk.coord / wk.dl, sorted by fp64 key descending, ties by
-// coordinate ascending. Returns their number.
+// Breakpoints of one row into wk.key / wk.coord / wk.eid / wk.dl, sorted by fp64 key descending,
+// ties by coordinate ascending. Returns their number.
+// The coordinates are sorted by |w| once (n log n); level m's keys K_m[x] = fl(|w_ord[x]| / (m + 1/2))
+// are then already in order (division by a constant is monotone), and the events are an Lmax-way
+// merge of those lists (a binary heap of list heads): far fewer passes than sorting all n Lmax keys.
 int64_t build_events(const double* w, int64_t d, int64_t qmin, int64_t qmax, Work& wk) {
-  const size_t cap = static_cast<size_t>(d) * std::max(qmax, -qmin);
-  if (wk.kb.size() < cap) {
-    wk.kb.resize(cap);
-    wk.kb2.resize(cap);
-    wk.co.resize(cap);
-    wk.co2.resize(cap);
+  const int64_t Lpos = qmax, Lneg = -qmin, Lmax = std::max(Lpos, Lneg), Lmin = std::min(Lpos, Lneg);
+  auto& ord = wk.ord;
+  ord.clear();
+  for (int64_t j = 0; j < d; ++j)
+    if (w[j] != 0.0) ord.push_back(static_cast<int32_t>(j));
+  const int64_t n = static_cast<int64_t>(ord.size());
+  std::sort(ord.begin(), ord.end(), [w](int32_t x, int32_t y) {
+    const double ax = std::abs(w[x]), ay = std::abs(w[y]);
+    return ax > ay || (ax == ay && x < y);
+  });
+  wk.pos.resize(d);
+  for (int64_t x = 0; x < n; ++x) wk.pos[ord[x]] = static_cast<int32_t>(x);
+  const int64_t n1 = n + 1;
+  wk.keyl.resize(static_cast<size_t>(Lmax * n1));
+  for (int64_t m = 0; m < Lmax; ++m) {
+    double* K = wk.keyl.data() + m * n1;
+    const double half = static_cast<double>(m) + 0.5;
+    for (int64_t x = 0; x < n; ++x) K[x] = std::abs(w[ord[x]]) / half;
+    K[n] = -INFINITY;
+  }
+  const size_t cap = static_cast<size_t>(n * Lmax);
+  if (wk.key.size() < cap) {
     wk.key.resize(cap);
     wk.dl.resize(cap);
     wk.u.resize(cap);
     wk.coord.resize(cap);
-    wk.blist.resize(cap);
+    wk.eid.resize(cap);
   }
+  if (n == 0) return 0;
+  // Levels >= Lmin exist only for the sign with the longer grid side.
+  const int big = Lneg > Lpos ? -1 : 1;
+  auto has = [&](int64_t m, int64_t x) {
+    return m < Lmin || (w[ord[x]] > 0 ? big > 0 : big < 0);
+  };
+  auto next_in = [&](int64_t m, int64_t x) {  // first x' >= x holding level m, or n
+    while (x < n && !has(m, x)) ++x;
+    return x;
+  };
+  // Heap of list heads; the top is the largest key, then the smallest coordinate.
+  using Head = Work::Head;
+  auto later = [](const Head& a, const Head& b) {
+    return a.key < b.key || (a.key == b.key && a.coord > b.coord);
+  };
+  auto& heap = wk.heads;
+  heap.clear();
+  for (int64_t m = 0; m < Lmax; ++m) {
+    const int64_t x = next_in(m, 0);
+    if (x < n)
+      heap.push_back({wk.keyl[m * n1 + x], ord[x], static_cast<int32_t>(m), static_cast<int32_t>(x)});
+  }
+  std::make_heap(heap.begin(), heap.end(), later);
   int64_t T = 0;
-  for (int64_t i = 0; i < d; ++i) {
-    const double wi = w[i];
-    if (wi == 0.0) continue;
-    const int64_t L = wi > 0 ? qmax : -qmin;
-    const double a = std::abs(wi);
-    for (int64_t k = 0; k < L; ++k) {
-      const double key = a / (static_cast<double>(k) + 0.5);
-      uint64_t bits;
-      std::memcpy(&bits, &key, sizeof bits);
-      wk.kb[T] = ~bits;  // positive doubles order like their bit patterns; ~ makes it descending
-      wk.co[T] = static_cast<int32_t>(i);
-      ++T;
+  while (!heap.empty()) {
+    std::pop_heap(heap.begin(), heap.end(), later);
+    Head& h = heap.back();
+    const int32_t i = h.coord;
+    wk.key[T] = h.key;
+    wk.coord[T] = i;
+    wk.eid[T] = static_cast<int32_t>(i * Lmax + h.m);
+    wk.dl[T] = w[i] > 0 ? 1.0 : -1.0;
+    ++T;
+    const int64_t x2 = next_in(h.m, h.x + 1);
+    if (x2 < n) {
+      h = {wk.keyl[h.m * n1 + x2], ord[x2], h.m, static_cast<int32_t>(x2)};
+      std::push_heap(heap.begin(), heap.end(), later);
+    } else {
+      heap.pop_back();
     }
-  }
-  // LSD radix sort, 8-bit digits; digits equal for all keys (exponent bytes) are skipped.
-  uint32_t hist[8][256];
-  std::memset(hist, 0, sizeof hist);
-  for (int64_t t = 0; t < T; ++t) {
-    const uint64_t v = wk.kb[t];
-    for (int b = 0; b < 8; ++b) ++hist[b][(v >> (8 * b)) & 255];
-  }
-  uint64_t* src = wk.kb.data();
-  uint64_t* dst = wk.kb2.data();
-  int32_t* csrc = wk.co.data();
-  int32_t* cdst = wk.co2.data();
-  for (int b = 0; b < 8 && T > 0; ++b) {
-    if (hist[b][(src[0] >> (8 * b)) & 255] == static_cast<uint32_t>(T)) continue;
-    uint32_t off[256];
-    uint32_t acc = 0;
-    for (int v = 0; v < 256; ++v) {
-      off[v] = acc;
-      acc += hist[b][v];
-    }
-    for (int64_t t = 0; t < T; ++t) {
-      const uint32_t p = off[(src[t] >> (8 * b)) & 255]++;
-      dst[p] = src[t];
-      cdst[p] = csrc[t];
-    }
-    std::swap(src, dst);
-    std::swap(csrc, cdst);
-  }
-  for (int64_t t = 0; t < T; ++t) {
-    const uint64_t bits = ~src[t];
-    std::memcpy(&wk.key[t], &bits, sizeof bits);
-    wk.coord[t] = csrc[t];
-    wk.dl[t] = w[csrc[t]] > 0 ? 1.0 : -1.0;
   }
   return T;
 }
@@ -159,14 +178,90 @@ void dense_u(const scalar_t* H, int64_t d, int64_t T, Work& wk) {
   }
 }
 
+// Whether prefix_u is the cheaper way to the u values of a row: it costs n d additions plus about
+// 4 n Lmax^2 pointer steps and reads, against 2^(b-1) d^2 for dense_u.
+inline bool use_prefix_u(int64_t d, int64_t Lmax) { return 4 * Lmax * Lmax <= d; }
+
+// u values of every event (i, k) of one row, (H q_before)_i + (H q_after)_i (the contract of event_u
+// in piso_internal.h), with n d additions instead of the sweep's 2^(b-1) n d.
+//
+// Order the n nonzero coordinates by |w| descending (position x = 0..n-1, a_x = |w_ord[x]|) and let
+// K_m[x] = fl(a_x / (m + 1/2)): K_k[x] is the key of event (ord[x], k), and every K_m decreases in x
+// (correctly rounded division is monotone). For event (i, k) at position s, sigma = K_k[s]:
+//   q_before_j = sign(w_j) #{l < L_j : K_l[pos j] >  sigma},  q_after_j: the same with >=,
+// and for a fixed level l the j counted form a prefix of the order, of length
+//   p_gt(l, s, k) = #{x : K_l[x] > sigma}  (p_ge with >=),
+// so (H q_before)_i = sum_l S_l(i, p_gt(l, s, k)) with S_l(i, p) = sum_{x < p} sign(w_ord[x]) H[i, ord[x]]
+// (for l < min(qmax, -qmin) over both signs, for the extra level of the longer side over that sign).
+// One pass over x keeps S(., x) for each sign as a vector (acc_pos / acc_neg += H[ord[x], :]; H is
+// symmetric), and before each addition reads it for exactly the events whose prefix ends there:
+// since sigma = K_k[s] decreases in s, p_gt(l, s, k) grows with s, so for every (l, k) a pointer over
+// s advances while K_l[x] > K_k[s] fails. Comparisons are on the exact fp64 keys (ties included).
+// Us[k][s] collects the u value of event (ord[s], k); the caller maps it back to event ids.
+template <typename scalar_t>
+void prefix_u(const double* w, const scalar_t* H, int64_t d, int64_t qmin, int64_t qmax, Work& wk) {
+  const int64_t Lpos = qmax, Lneg = -qmin, Lmax = std::max(Lpos, Lneg), Lmin = std::min(Lpos, Lneg);
+  const int big = Lneg > Lpos ? -1 : (Lpos > Lneg ? 1 : 0);  // sign with the extra levels, if any
+  // ord, pos and keyl come from build_events.
+  const auto& ord = wk.ord;
+  const int64_t n = static_cast<int64_t>(ord.size());
+  const int64_t n1 = n + 1;
+  if (n == 0) return;
+  wk.U.assign(static_cast<size_t>(Lmax * n), 0.0);
+  wk.ptr.assign(static_cast<size_t>(2 * Lmax * Lmax), 0);
+  wk.accp.assign(d, 0.0);
+  wk.accn.assign(d, 0.0);
+  double* accp = wk.accp.data();
+  double* accn = wk.accn.data();
+  const int32_t* o = ord.data();
+  for (int64_t x = 0; x <= n; ++x) {
+    for (int64_t l = 0; l < Lmax; ++l) {
+      const double Kx = wk.keyl[l * n1 + x];
+      const bool both = l < Lmin;
+      for (int64_t k = 0; k < Lmax; ++k) {
+        const double* sig = wk.keyl.data() + k * n1;
+        double* us = wk.U.data() + k * n;
+        int32_t* pp = wk.ptr.data() + 2 * (l * Lmax + k);
+        int32_t pg = pp[0], pe = pp[1];
+        if (pg < n && Kx > sig[pg] && pe == pg) continue;  // the common case: nothing ends here
+        // Events whose ">" prefix (pg) and ">=" prefix (pe) at level l end at x. pe lags pg only
+        // over exact ties (K_l[x'] == sigma), and p_ge grows with s, so one pass handles both: an
+        // event strictly below K_l[x] with pe == pg ends both prefixes here (counted twice).
+        auto val = [&](int32_t s_) {
+          const int32_t i = o[s_];
+          return both ? accp[i] - accn[i] : (big > 0 ? accp[i] : -accn[i]);
+        };
+        for (; pe < pg && !(Kx >= sig[pe]); ++pe) us[pe] += val(pe);
+        for (; pg < n && !(Kx > sig[pg]); ++pg) {
+          if (pe == pg && Kx < sig[pg]) {
+            us[pg] += 2.0 * val(pg);
+            ++pe;
+          } else {
+            us[pg] += val(pg);
+          }
+        }
+        pp[0] = pg;
+        pp[1] = pe;
+      }
+    }
+    if (x < n) {
+      const int32_t j = o[x];
+      add_row(w[j] > 0 ? accp : accn, H + static_cast<int64_t>(j) * d, 1.0, d);  // H[j,:] = H[:,j]
+    }
+  }
+}
+
 struct Best {
   double e = INFINITY, s = 0.0;
   bool found = false;
   void offer(double alpha, double beta, double upper, double lower, double eps, bool f32) {
     // E >= -alpha^2 / beta on the whole interval: skip intervals that cannot win (with a slack far
     // above the rounding of E, so this never changes the result).
-    const double lb = alpha > 0 ? -alpha * (alpha / beta) : 0.0;
-    if (found && lb > e + 1e-12 * (std::abs(lb) + std::abs(e))) return;
+    // lb > e + slack, with lb = -alpha^2 / beta, multiplied through by beta > 0 (no division).
+    if (found) {
+      const double nb = alpha > 0 ? -alpha * alpha : 0.0;  // lb * beta
+      if (nb > (e + 1e-12 * std::abs(e)) * beta + 1e-12 * std::abs(nb)) return;
+    }
     double s_c;
     if (!place_scale(alpha, beta, upper, lower, eps, f32, &s_c)) return;
     const double e_c = s_c * s_c * beta - 2.0 * s_c * alpha;
@@ -194,14 +289,26 @@ void select(const double* lin, int64_t T, const Work& wk, const double* dbeta, d
 
 template <typename scalar_t>
 void sweep_row_dense(const double* w, const double* lin, const scalar_t* H, int64_t d, int64_t qmin,
-                     int64_t qmax, double eps, bool f32, Work& wk, Best& best) {
+                     int64_t qmax, double eps, bool f32, int u_method, Work& wk, Best& best) {
   const int64_t T = build_events(w, d, qmin, qmax, wk);
   if (T == 0) return;
-  dense_u<scalar_t>(H, d, T, wk);
   double* u = wk.u.data();
-  for (int64_t t = 0; t < T; ++t) {  // u -> beta increment 2 delta u + H_ii, in place
-    const int64_t i = wk.coord[t];
-    u[t] = 2.0 * wk.dl[t] * u[t] + double(H[i * d + i]);
+  if (u_method == 1 || (u_method == 0 && use_prefix_u(d, std::max(qmax, -qmin)))) {
+    // beta increment delta (u_before + u_after): per event equal to 2 delta u_before + H_ii, and over
+    // a tie group it sums to the group's change of q^T H q (the macro-event rule, ALGORITHM.md §2.7);
+    // candidates are only taken at the end of a tie group.
+    prefix_u<scalar_t>(w, H, d, qmin, qmax, wk);
+    const int64_t Lmax = std::max(qmax, -qmin), n = static_cast<int64_t>(wk.ord.size());
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t e = wk.eid[t];
+      u[t] = wk.dl[t] * wk.U[(e % Lmax) * n + wk.pos[e / Lmax]];
+    }
+  } else {
+    dense_u<scalar_t>(H, d, T, wk);
+    for (int64_t t = 0; t < T; ++t) {  // u -> beta increment 2 delta u + H_ii, in place
+      const int64_t i = wk.coord[t];
+      u[t] = 2.0 * wk.dl[t] * u[t] + double(H[i * d + i]);
+    }
   }
   select(lin, T, wk, u, eps, f32, best);
 }
@@ -227,7 +334,7 @@ void sweep_row_diag(const double* w, const double* lin, const double* Hdiag, int
 }  // namespace
 
 SweepResult sweep_sequential_cpu(const at::Tensor& W, const at::Tensor& lin, const at::Tensor& H,
-                                 int64_t qmin, int64_t qmax, double eps, bool f32) {
+                                 int64_t qmin, int64_t qmax, double eps, bool f32, int u_method) {
   TORCH_INTERNAL_ASSERT(W.device().is_cpu() && W.scalar_type() == at::kDouble && W.is_contiguous());
   TORCH_INTERNAL_ASSERT(lin.scalar_type() == at::kDouble && lin.is_contiguous());
   const int64_t R = W.size(0), d = W.size(1);
@@ -252,10 +359,10 @@ SweepResult sweep_sequential_cpu(const at::Tensor& W, const at::Tensor& lin, con
       Best best;
       if (h32) {
         sweep_row_dense<float>(Wp + r * d, Lp + r * d, H.data_ptr<float>(), d, qmin, qmax, eps, f32,
-                               wk, best);
+                               u_method, wk, best);
       } else if (dense) {
         sweep_row_dense<double>(Wp + r * d, Lp + r * d, H.data_ptr<double>(), d, qmin, qmax, eps,
-                                f32, wk, best);
+                                f32, u_method, wk, best);
       } else {
         sweep_row_diag(Wp + r * d, Lp + r * d, H.defined() ? H.data_ptr<double>() : nullptr, d, qmin,
                        qmax, eps, f32, wk, level, best);
