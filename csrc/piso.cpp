@@ -99,7 +99,8 @@ std::tuple<at::Tensor, at::Tensor> sweep(const at::Tensor& W_in, const at::Tenso
       res = {r.scale.to(W.device()), r.objective.to(W.device()), r.found.to(W.device())};
     }
   } else {
-    if (H.defined()) H = H.to(at::kDouble);
+    // Dense float32 H stays float32 for the CUDA prefix kernel (read once per row: half the bytes).
+    if (H.defined() && !(W.is_cuda() && H.dim() == 2)) H = H.to(at::kDouble);
     const int64_t rows = event_parallel_rows(d, std::max(qmax, -qmin));
     std::vector<at::Tensor> sc, ob, fo;
     for (int64_t r0 = 0; r0 < R; r0 += rows) {

@@ -13,7 +13,9 @@
 // width), with the same place_scale steps as the sequential sweep, then argmin per row.
 #include "piso_internal.h"
 
+#include <cstdlib>
 #include <limits>
+#include <string>
 
 namespace piso {
 namespace detail {
@@ -87,11 +89,20 @@ SweepResult sweep_event_parallel(const at::Tensor& W, const at::Tensor& lin, con
   const auto dalpha = delta * lin.gather(1, coord);
   at::Tensor dbeta;
   if (H.defined() && H.dim() == 2) {
+    const auto Hd = H.to(at::kDouble);
 #ifdef PISO_WITH_CUDA
-    auto U = W.is_cuda() ? event_u_cuda(A, SL, H, Lmax) : event_u_cpu(A, SL, H, Lmax);
+    // PISO_CUDA_EVENT_U=counts selects the per-event count kernel also where the prefix one applies.
+    const char* env = std::getenv("PISO_CUDA_EVENT_U");
+    const bool counts_only = env != nullptr && std::string(env) == "counts";
+    at::Tensor U;
+    if (W.is_cuda() && Lmax <= 8 && !counts_only) {
+      U = event_u_prefix_cuda(A, SL, H, qmin, qmax);
+    } else {
+      U = W.is_cuda() ? event_u_cuda(A, SL, Hd, Lmax) : event_u_cpu(A, SL, Hd, Lmax);
+    }
 #else
     TORCH_CHECK(W.device().is_cpu(), "_piso_sweep: no event_u kernel for device ", W.device());
-    auto U = event_u_cpu(A, SL, H, Lmax);
+    auto U = event_u_cpu(A, SL, Hd, Lmax);
 #endif
     dbeta = delta * U.reshape({R, d * Lmax}).gather(1, idx);
   } else {

@@ -83,6 +83,10 @@ at::Tensor event_u_cpu(const at::Tensor& A, const at::Tensor& SL, const at::Tens
 #ifdef PISO_WITH_CUDA
 at::Tensor event_u_cuda(const at::Tensor& A, const at::Tensor& SL, const at::Tensor& H,
                         int64_t Lmax);
+// The same values by prefix sums over |w|-sorted coordinates (n d additions per row instead of
+// 2^(b-1) n d exact counts), for grids up to 4 bits (max(qmax, -qmin) <= 8). H float32 or float64.
+at::Tensor event_u_prefix_cuda(const at::Tensor& A, const at::Tensor& SL, const at::Tensor& H,
+                               int64_t qmin, int64_t qmax);
 #endif
 
 }  // namespace detail

@@ -36,6 +36,8 @@ if [ "$what" != tests ]; then
   B="timeout 240 env PYTHONPATH=. $PY"
   stamp "bench_piso_speed"
   $B benchmarks/bench_piso_speed.py --devices cuda --sizes 1024 4096 --bits 2 3 4 2>&1 | tee "$OUT/bench_piso.log"
+  stamp "bench_piso_speed, per-event count kernel (PISO_CUDA_EVENT_U=counts)"
+  PISO_CUDA_EVENT_U=counts $B benchmarks/bench_piso_speed.py --devices cuda --sizes 1024 4096 --bits 2 4 --repeats 1 2>&1 | tee "$OUT/bench_piso_counts.log"
   stamp "bench_gptq"
   $B benchmarks/bench_gptq.py --devices cuda --sizes 4096x4096,4096x11008 2>&1 | tee "$OUT/bench_gptq.log"
   stamp "bench_hessian"

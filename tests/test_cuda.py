@@ -66,6 +66,30 @@ def test_sweep_objective_equals_cpu_sequential_across_h_tiles(D, bits):
         torch.testing.assert_close(e2, o2.cpu(), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("D", [5, 257, 3000])
+@pytest.mark.parametrize("narrow", [False, True])
+def test_prefix_kernel_equals_count_kernel(D, narrow, monkeypatch):
+    # The two CUDA u kernels (prefix sums over |w|-sorted coordinates; exact per-event counts) on the
+    # same events: same objective values, ties and zero rows included, float32 and float64 H.
+    gen = torch.Generator().manual_seed(D)
+    for bits in (2, 3, 4):
+        qmin, qmax = RP.int_grid(bits, narrow)
+        for kind in ("gauss", "ties", "bf16"):
+            W = _weights(kind, 9, D, gen)
+            W[0] = 0
+            W[1, : D // 2] = 0
+            H = _spd(D, gen, dead=(0,)).to(torch.float32 if kind == "gauss" else f64)
+            lin = W @ _spd(D, gen).T
+            args = (W.to(DEV), lin.to(DEV), H.to(DEV), qmin, qmax, 1e-9, "event_parallel")
+            monkeypatch.setenv("PISO_CUDA_EVENT_U", "prefix")
+            s1, o1 = ops._piso_sweep(*args)
+            monkeypatch.setenv("PISO_CUDA_EVENT_U", "counts")
+            s2, o2 = ops._piso_sweep(*args)
+            torch.testing.assert_close(o1.cpu(), o2.cpu(), rtol=1e-10, atol=1e-10)
+            e1 = RP.objective_lin(W, lin, s1.cpu(), H, qmin, qmax)
+            torch.testing.assert_close(e1, o1.cpu(), rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("bits,hkind,wkind", list(itertools.product(
     [2, 3, 4], ["identity", "diag", "dense"], ["gauss", "ties", "bf16"])))
 def test_optimal_scales_on_cuda_no_worse_than_brute_force(bits, hkind, wkind):

@@ -21,6 +21,9 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <ATen/Dispatch.h>
+
+#include <climits>
 
 #include "piso_internal.h"
 
@@ -87,6 +90,130 @@ __global__ void event_u_kernel(const double* __restrict__ A, const int* __restri
   }
 }
 
+// ------------------------------------------------------------------------------------------------
+// Prefix formulation (the CUDA twin of prefix_u in csrc/cpu/piso_cpu.cpp, whose comment derives it):
+// with the row's coordinates ordered by |w| descending and K_l[x] = fl(|w_ord[x]| / (l + 1/2)),
+//   out[r, i, k] = sum_l S_l(i, p_gt(l)) + S_l(i, p_ge(l)),  S_l(i, p) = sum_{x < p} sign_x H[i, ord[x]],
+// p_gt(l) = #{x : K_l[x] > sigma}, p_ge with >=, sigma = K_k[pos(i)]; S_l over both signs for
+// l < Lmin and over the longer grid side's sign above. Two kernels:
+// - positions: one thread per (row, event level k, stream level l) merges the (decreasing) event
+//   keys of level k against K_l: P[r, k, s, 2 l + {0: gt, 1: ge}], exact fp64 comparisons;
+// - stream: one thread per (row, column i), 256 columns per block; the block walks x = 0..n, adding
+//   H[ord[x], i] (coalesced over i; ord staged in shared memory) to acc_pos or acc_neg, and reads
+//   the accumulators whenever x reaches one of the column's 2 Lmax positions per level k. For each
+//   k those positions are non-decreasing in the order (gt, ge) of l = Lmax-1 down to 0 (p_ge(l) <=
+//   p_gt(l - 1) since K_{l-1} > K_l), so one pointer per k suffices; the k loop is unrolled
+//   (kPrefixMaxL = 8: grids up to 4 bits) so pointers and sums stay in registers.
+// Work: n d additions per row (the whole of H is read once per row, float32 H as float32), against
+// 2^(b-1) n d exact counts for event_u_kernel; no divisions in either kernel.
+constexpr int kPrefixMaxL = 8;
+constexpr int kStreamThreads = 256;
+constexpr int kOrdChunk = 2048;
+
+__global__ void prefix_positions_kernel(const double* __restrict__ Ks, int32_t* __restrict__ P,
+                                        int64_t R, int64_t d, int Lmax) {
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (tid >= R * Lmax * Lmax) return;
+  const int l = static_cast<int>(tid % Lmax);
+  const int k = static_cast<int>((tid / Lmax) % Lmax);
+  const int64_t r = tid / (static_cast<int64_t>(Lmax) * Lmax);
+  const double* Kk = Ks + (r * Lmax + k) * d;
+  const double* Kl = Ks + (r * Lmax + l) * d;
+  int32_t* out = P + (r * Lmax + k) * d * (2 * Lmax) + 2 * l;
+  int64_t pg = 0, pe = 0;
+  for (int64_t s = 0; s < d; ++s) {
+    const double sigma = Kk[s];
+    if (!(sigma > 0.0)) break;  // zero weights sort last and have no events
+    while (pg < d && Kl[pg] > sigma) ++pg;
+    if (pe < pg) pe = pg;
+    while (pe < d && Kl[pe] >= sigma) ++pe;
+    out[s * 2 * Lmax] = static_cast<int32_t>(pg);
+    out[s * 2 * Lmax + 1] = static_cast<int32_t>(pe);
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kStreamThreads)
+prefix_stream_kernel(const int32_t* __restrict__ enc, const int32_t* __restrict__ pos,
+                     const int32_t* __restrict__ SL, const int32_t* __restrict__ nnz,
+                     const int32_t* __restrict__ P, const scalar_t* __restrict__ H,
+                     double* __restrict__ out, int64_t d, int64_t tiles, int Lmax, int Lmin,
+                     int big) {
+  __shared__ int32_t js[kOrdChunk];
+  const int64_t r = blockIdx.x / tiles;
+  const int64_t i = (blockIdx.x % tiles) * kStreamThreads + threadIdx.x;
+  int Li = 0;
+  int64_t base = 0;
+  if (i < d) {
+    Li = abs(SL[r * d + i]);
+    base = (r * Lmax * d + pos[r * d + i]) * (2 * Lmax);  // + k * d * 2 Lmax + 2 l + b
+  }
+  const int nq = 2 * Lmax;
+  const int64_t kstride = d * 2 * Lmax;
+  // Position q (0..2 Lmax-1) of level k: l = Lmax - 1 - q / 2, b = q % 2.
+  auto fetch = [&](int k, int q) -> int {
+    return q < nq ? P[base + k * kstride + 2 * (Lmax - 1 - q / 2) + (q & 1)] : INT_MAX;
+  };
+  double U[kPrefixMaxL];
+  int q[kPrefixMaxL], np[kPrefixMaxL];
+  int minp = INT_MAX;
+#pragma unroll
+  for (int k = 0; k < kPrefixMaxL; ++k) {
+    U[k] = 0.0;
+    q[k] = 0;
+    np[k] = k < Li ? fetch(k, 0) : INT_MAX;
+    minp = min(minp, np[k]);
+  }
+  double accp = 0.0, accn = 0.0;
+  // Reads the accumulators for every position of this column equal to x (acc = S(., x) here).
+  auto fire = [&](int64_t x) {
+    minp = INT_MAX;
+#pragma unroll
+    for (int k = 0; k < kPrefixMaxL; ++k) {
+      while (np[k] == x) {
+        const int l = Lmax - 1 - q[k] / 2;
+        U[k] += l < Lmin ? accp - accn : (big > 0 ? accp : -accn);
+        np[k] = fetch(k, ++q[k]);
+      }
+      minp = min(minp, np[k]);
+    }
+  };
+  const int64_t n = nnz[r];
+  const int32_t* encr = enc + r * d;
+  constexpr int kU = 8;  // rows of H in flight per thread
+  for (int64_t x0 = 0; x0 < n; x0 += kOrdChunk) {
+    const int64_t m = min(static_cast<int64_t>(kOrdChunk), n - x0);
+    __syncthreads();
+    for (int64_t t = threadIdx.x; t < m; t += kStreamThreads) js[t] = encr[x0 + t];
+    __syncthreads();
+    if (Li == 0) continue;
+    for (int64_t t = 0; t < m; t += kU) {
+      int32_t e[kU];
+      double h[kU];
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        if (t + u < m) {
+          e[u] = js[t + u];
+          h[u] = static_cast<double>(H[static_cast<int64_t>(e[u] >= 0 ? e[u] : ~e[u]) * d + i]);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        if (t + u < m) {
+          if (x0 + t + u == minp) fire(x0 + t + u);
+          if (e[u] >= 0) accp += h[u]; else accn += h[u];
+        }
+      }
+    }
+  }
+  if (Li > 0 && minp == n) fire(n);  // prefixes of full length
+  if (i < d) {
+#pragma unroll
+    for (int k = 0; k < kPrefixMaxL; ++k)
+      if (k < Li) out[(r * d + i) * Lmax + k] = U[k];
+  }
+}
+
 }  // namespace
 
 at::Tensor event_u_cuda(const at::Tensor& A, const at::Tensor& SL, const at::Tensor& H,
@@ -110,6 +237,60 @@ at::Tensor event_u_cuda(const at::Tensor& A, const at::Tensor& SL, const at::Ten
   event_u_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       Ac.data_ptr<double>(), Sc.data_ptr<int>(), Hc.data_ptr<double>(), out.data_ptr<double>(), R, d,
       static_cast<int>(Lmax), RT);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace detail
+}  // namespace piso
+
+namespace piso {
+namespace detail {
+
+at::Tensor event_u_prefix_cuda(const at::Tensor& A, const at::Tensor& SL, const at::Tensor& H,
+                               int64_t qmin, int64_t qmax) {
+  TORCH_INTERNAL_ASSERT(A.is_cuda() && SL.is_cuda() && H.is_cuda());
+  TORCH_INTERNAL_ASSERT(A.scalar_type() == at::kDouble && SL.scalar_type() == at::kInt);
+  TORCH_INTERNAL_ASSERT(H.scalar_type() == at::kDouble || H.scalar_type() == at::kFloat);
+  const int64_t Lpos = qmax, Lneg = -qmin, Lmax = std::max(Lpos, Lneg), Lmin = std::min(Lpos, Lneg);
+  TORCH_INTERNAL_ASSERT(Lmax <= kPrefixMaxL);
+  const int big = Lneg > Lpos ? -1 : 1;
+  c10::cuda::CUDAGuard guard(A.device());
+  const auto Ac = A.contiguous();
+  const auto Sc = SL.contiguous();
+  const auto Hc = H.contiguous();
+  const int64_t R = Ac.size(0), d = Ac.size(1);
+  auto out = at::zeros({R, d, Lmax}, Ac.options());
+  if (R == 0 || d == 0) return out;
+  TORCH_CHECK(d < (int64_t(1) << 30), "_piso_sweep: d too large for the CUDA prefix kernel");
+  // |w| descending, ties by coordinate (stable), zeros last.
+  auto sorted = at::sort(Ac, /*stable=*/true, /*dim=*/1, /*descending=*/true);
+  const auto as = std::get<0>(sorted);
+  const auto ord = std::get<1>(sorted);
+  const auto ord32 = ord.to(at::kInt);
+  const auto enc = at::where(Sc.gather(1, ord) > 0, ord32, -ord32 - 1).contiguous();  // ~j: negative
+  auto pos = at::empty({R, d}, Sc.options());
+  pos.scatter_(1, ord, at::arange(d, Sc.options()).expand({R, d}));
+  const auto nnz = (Ac > 0).sum(1).to(at::kInt).contiguous();
+  const auto half = at::arange(Lmax, Ac.options()).add_(0.5).view({1, Lmax, 1});
+  const auto Ks = (as.unsqueeze(1) / half).contiguous();  // [R, Lmax, d], the sort keys' division
+  auto P = at::empty({R, Lmax, d, 2 * Lmax}, Sc.options());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  {
+    const int64_t threads = R * Lmax * Lmax;
+    const int bs = 128;
+    prefix_positions_kernel<<<static_cast<unsigned>((threads + bs - 1) / bs), bs, 0, stream>>>(
+        Ks.data_ptr<double>(), P.data_ptr<int32_t>(), R, d, static_cast<int>(Lmax));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const int64_t tiles = (d + kStreamThreads - 1) / kStreamThreads;
+  TORCH_CHECK(R * tiles < (int64_t(1) << 31), "_piso_sweep: too many rows for one launch");
+  AT_DISPATCH_FLOATING_TYPES(Hc.scalar_type(), "prefix_stream", [&] {
+    prefix_stream_kernel<scalar_t><<<static_cast<unsigned>(R * tiles), kStreamThreads, 0, stream>>>(
+        enc.data_ptr<int32_t>(), pos.data_ptr<int32_t>(), Sc.data_ptr<int32_t>(),
+        nnz.data_ptr<int32_t>(), P.data_ptr<int32_t>(), Hc.data_ptr<scalar_t>(),
+        out.data_ptr<double>(), d, tiles, static_cast<int>(Lmax), static_cast<int>(Lmin), big);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
