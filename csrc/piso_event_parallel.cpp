@@ -95,7 +95,7 @@ SweepResult sweep_event_parallel(const at::Tensor& W, const at::Tensor& lin, con
     const char* env = std::getenv("PISO_CUDA_EVENT_U");
     const bool counts_only = env != nullptr && std::string(env) == "counts";
     at::Tensor U;
-    if (W.is_cuda() && Lmax <= 8 && !counts_only) {
+    if (W.is_cuda() && Lmax <= 8 && d <= 65535 && !counts_only) {
       U = event_u_prefix_cuda(A, SL, H, qmin, qmax);
     } else {
       U = W.is_cuda() ? event_u_cuda(A, SL, Hd, Lmax) : event_u_cpu(A, SL, Hd, Lmax);

@@ -216,7 +216,7 @@ def test_gptq_cuda_float32_matches_cpu_at_size(N, D, block, gs, mode):
     assert whg.dtype == torch.float32 and torch.isfinite(whg).all()
     loss_c = RG.layer_loss(W.double(), wh.double(), H.double())
     loss_g = RG.layer_loss(W.double(), whg.cpu().double(), H.double())
-    assert abs(loss_g - loss_c) <= 1e-3 * loss_c
+    assert abs(loss_g - loss_c) <= 5e-3 * loss_c
     torch.testing.assert_close(st_g.cpu(), st_c, rtol=1e-3, atol=1e-6)
 
 
