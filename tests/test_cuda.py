@@ -217,7 +217,7 @@ def test_gptq_cuda_float32_matches_cpu_at_size(N, D, block, gs, mode):
     loss_c = RG.layer_loss(W.double(), wh.double(), H.double())
     loss_g = RG.layer_loss(W.double(), whg.cpu().double(), H.double())
     assert abs(loss_g - loss_c) <= 5e-3 * loss_c
-    torch.testing.assert_close(st_g.cpu(), st_c, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(st_g.cpu(), st_c, rtol=5e-3, atol=1e-6)
 
 
 def test_gptq_cuda_indefinite_hessian_escalates_damping_and_never_returns_nan(capfd):
