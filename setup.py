@@ -33,7 +33,7 @@ def sources(with_cuda: bool):
 
 
 with_cuda = want_cuda()
-cxx_flags = ["-O3", "-g0", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function"]
+cxx_flags = ["-O3", "-g0", "-std=c++17", "-ffp-contract=off", "-fopenmp", "-Wall", "-Wno-unused-function"]
 define_macros = [("PISO_WITH_CUDA", "1")] if with_cuda else []
 ext_kwargs = dict(
     name="torch_piso._C",

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <string>
 
@@ -37,11 +38,36 @@ inline void check_nonempty(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.numel() > 0, name, ": expected a non-empty tensor, got shape ", t.sizes());
 }
 
+namespace detail {
+// Whether every element of a contiguous CPU float tensor is finite, without a temporary (the bool
+// tensor of at::isfinite costs a fresh allocation, i.e. page faults, as large as the input).
+template <typename T>
+bool all_finite_cpu(const T* p, int64_t n) {
+  return at::parallel_reduce(
+      0, n, 1 << 16, true,
+      [&](int64_t b, int64_t e, bool ok) {
+        // x - x is 0 for finite x and NaN for NaN/Inf: one running sum tests a whole range.
+        T acc = 0;
+        for (int64_t i = b; i < e; ++i) acc += p[i] - p[i];
+        return ok && acc == T(0);
+      },
+      [](bool a, bool b) { return a && b; });
+}
+}  // namespace detail
+
 // NaN/Inf are rejected (never a silent wrong answer). One reduction pass over the data.
 inline void check_finite(const at::Tensor& t, const char* name) {
   if (t.numel() == 0) return;
-  TORCH_CHECK(at::isfinite(t).all().item<bool>(), name,
-              ": contains NaN or Inf; remove non-finite values before calling");
+  bool ok;
+  if (t.device().is_cpu() && t.is_contiguous() &&
+      (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble)) {
+    ok = t.scalar_type() == at::kFloat
+             ? detail::all_finite_cpu(t.data_ptr<float>(), t.numel())
+             : detail::all_finite_cpu(t.data_ptr<double>(), t.numel());
+  } else {
+    ok = at::isfinite(t).all().item<bool>();
+  }
+  TORCH_CHECK(ok, name, ": contains NaN or Inf; remove non-finite values before calling");
 }
 
 inline void check_bits(int64_t bits) {

@@ -134,7 +134,8 @@ void check_common(const at::Tensor& W, const at::Tensor& H, const at::Tensor* G,
 // absmax baseline: max|w| / 2^(b-1) (narrow range: / (2^(b-1)-1)) per row and group; all-zero -> 1.
 at::Tensor absmax_scales(const at::Tensor& W, int64_t gs, int64_t qmin, at::ScalarType sd) {
   const int64_t N = W.size(0), D = W.size(1);
-  auto a = W.abs().reshape({N, D / gs, gs}).amax(2).to(at::kDouble).div_(double(-qmin));
+  const auto Wg = W.reshape({N, D / gs, gs});  // max |w| = max(amax, -amin): no |W| temporary
+  auto a = at::maximum(Wg.amax(2), Wg.amin(2).neg()).to(at::kDouble).div_(double(-qmin));
   a = at::where(a > 0, a, at::ones_like(a));
   return a.to(sd);
 }
@@ -154,8 +155,50 @@ at::Tensor column_order(const at::Tensor& dH, int64_t gs, bool act_order, bool g
   return inner.index_select(0, gorder).add_(gorder.mul(gs).unsqueeze(1)).reshape({D});
 }
 
+// M[:, idx] for a 2-D M; on CPU one pass per row (index_select along dim 1 is ~2x slower there).
+at::Tensor gather_cols(const at::Tensor& M, const at::Tensor& idx) {
+  if (!M.device().is_cpu()) return M.index_select(1, idx);
+  const auto Mc = M.contiguous();
+  const auto ic = idx.contiguous();
+  const int64_t R = Mc.size(0), D = Mc.size(1);
+  auto out = at::empty({R, D}, Mc.options());
+  const int64_t* ip = ic.data_ptr<int64_t>();
+  AT_DISPATCH_ALL_TYPES(Mc.scalar_type(), "gather_cols", [&] {
+    const scalar_t* src = Mc.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* row = src + r * D;
+        scalar_t* o = dst + r * D;
+        for (int64_t j = 0; j < D; ++j) o[j] = row[ip[j]];
+      }
+    });
+  });
+  return out;
+}
+
+// M[perm][:, perm]; on CPU in one pass into one new tensor (two index_selects cost two D x D
+// allocations and a slow column gather).
 at::Tensor permute_sym(const at::Tensor& M, const at::Tensor& perm) {
-  return M.index_select(0, perm).index_select(1, perm);
+  if (!M.device().is_cpu() || !(M.scalar_type() == at::kFloat || M.scalar_type() == at::kDouble))
+    return M.index_select(0, perm).index_select(1, perm);
+  const auto Mc = M.contiguous();
+  const auto pc = perm.contiguous();
+  const int64_t D = Mc.size(0);
+  auto out = at::empty({D, D}, Mc.options());
+  const int64_t* pp = pc.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(Mc.scalar_type(), "permute_sym", [&] {
+    const scalar_t* src = Mc.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, D, 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const scalar_t* row = src + pp[i] * D;
+        scalar_t* o = dst + i * D;
+        for (int64_t j = 0; j < D; ++j) o[j] = row[pp[j]];
+      }
+    });
+  });
+  return out;
 }
 
 // Scale update of the group occupying processing positions [g0, g0 + gs), just before its first
@@ -311,14 +354,22 @@ at::Tensor lower_tri_inverse(const at::Tensor& L) {
 // J L^-1 J is upper triangular with positive diagonal, so it IS the upper Cholesky factor of A^-1.
 // One Cholesky + one triangular solve replaces IST's chol -> cholesky_inverse -> chol (same result,
 // one factorization fewer; torch's CPU cholesky_inverse is also very slow at these sizes).
-at::Tensor upper_chol_of_inverse(const at::Tensor& A) {
-  auto Af = A.flip({0, 1});
+at::Tensor upper_chol_of_inverse(const at::Tensor& A, double lam = 0.0) {
+  auto Af = A.flip({0, 1});  // a new tensor: the damping goes on its diagonal (flip keeps diagonals)
+  if (lam != 0.0) Af.diagonal().add_(lam);
   auto r = at::linalg_cholesky_ex(Af, /*upper=*/false, /*check_errors=*/false);
   if (std::get<1>(r).item<int64_t>() != 0) return at::Tensor();
   const auto& L = std::get<0>(r);
   auto Li = lower_tri_inverse(L);
   auto U = Li.flip({0, 1}).contiguous();
-  if (!at::isfinite(U).all().item<bool>()) return at::Tensor();
+  bool finite;
+  if (U.device().is_cpu()) {
+    finite = U.scalar_type() == at::kFloat ? detail::all_finite_cpu(U.data_ptr<float>(), U.numel())
+                                           : detail::all_finite_cpu(U.data_ptr<double>(), U.numel());
+  } else {
+    finite = at::isfinite(U).all().item<bool>();
+  }
+  if (!finite) return at::Tensor();
   return U;
 }
 
@@ -345,7 +396,8 @@ at::Tensor setup(Ctx& c, const at::Tensor& W, const at::Tensor& H, const at::Ten
   // the first forward before GPTQ zeroes dead columns.
   at::Tensor s0 = scales.has_value() ? scales->to(c.sd).reshape({c.N, c.ng})
                                      : absmax_scales(Wc, c.gs, c.qmin, c.sd);
-  auto W0 = Wc.masked_fill(dead.unsqueeze(0), 0);
+  const bool any_dead = dead.any().item<bool>();
+  auto W0 = any_dead ? Wc.masked_fill(dead.unsqueeze(0), 0) : Wc;
   auto dfix = at::where(dead, at::ones_like(dH), dH);
 
   if (c.update == Update::Layer || c.update == Update::LayerSequential) {
@@ -365,7 +417,7 @@ at::Tensor setup(Ctx& c, const at::Tensor& W, const at::Tensor& H, const at::Ten
   c.perm_host.assign(ph.data_ptr<int64_t>(), ph.data_ptr<int64_t>() + c.D);
   c.Hp = permute_sym(Hc, c.perm);
   c.Gp = G ? permute_sym(G->to(c.cd), c.perm) : c.Hp;
-  c.Wo = W0.index_select(1, c.perm).contiguous();
+  c.Wo = gather_cols(W0, c.perm);
   c.Wp = c.Wo.clone();
   c.codes = at::zeros({c.N, c.D}, W.options().dtype(at::kChar));
   c.row_loss = at::zeros({c.N}, W.options().dtype(at::kDouble));
@@ -381,8 +433,8 @@ double mean_diag(const at::Tensor& Hfix) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> finish(Ctx& c, const at::Tensor& W) {
   auto inv = at::argsort(c.perm);
-  auto codes = c.codes.index_select(1, inv);
-  auto W_hat = c.Wp.index_select(1, inv).to(W.scalar_type());
+  auto codes = gather_cols(c.codes, inv);
+  auto W_hat = gather_cols(c.Wp, inv).to(W.scalar_type());
   auto scales = c.sw.to(c.sd);
   if (c.per_channel) scales = scales.reshape({c.N});
   return {codes, scales, W_hat};
@@ -419,9 +471,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gptq_impl(
   // U = upper Cholesky factor of (H + lambda I)^-1.
   at::Tensor U;
   auto factor = [&](double lam) {
-    auto Hd = Hfix.clone();
-    Hd.diagonal().add_(lam);
-    U = upper_chol_of_inverse(Hd);
+    U = upper_chol_of_inverse(Hfix, lam);
     return U.defined();
   };
   const bool ok = factor_with_escalation("gptq", damp * base, base, factor, c.lambda);
@@ -490,9 +540,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qronos_impl(
     const double m00 = Hfix[0][0].item<double>() + lam;
     if (!(m00 > 0)) return false;
     if (D == 1) return true;
-    auto Mr = Hfix.narrow(0, 1, D - 1).narrow(1, 1, D - 1).clone();
-    Mr.diagonal().add_(lam);
-    Ur = upper_chol_of_inverse(Mr);
+    Ur = upper_chol_of_inverse(Hfix.narrow(0, 1, D - 1).narrow(1, 1, D - 1), lam);
     if (!Ur.defined()) return false;
     auto m = Hfix.select(1, 0).narrow(0, 1, D - 1);
     return m00 - at::mv(Ur, m).to(at::kDouble).pow(2).sum().item<double>() > 0;

@@ -180,7 +180,7 @@ void dense_u(const scalar_t* H, int64_t d, int64_t T, Work& wk) {
 
 // Whether prefix_u is the cheaper way to the u values of a row: it costs n d additions plus about
 // 4 n Lmax^2 pointer steps and reads, against 2^(b-1) d^2 for dense_u.
-inline bool use_prefix_u(int64_t d, int64_t Lmax) { return 4 * Lmax * Lmax <= d; }
+inline bool use_prefix_u(int64_t d, int64_t Lmax) { return d >= 512 && 16 * Lmax * Lmax <= d; }
 
 // u values of every event (i, k) of one row, (H q_before)_i + (H q_after)_i (the contract of event_u
 // in piso_internal.h), with n d additions instead of the sweep's 2^(b-1) n d.
