@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstring>
 #include <vector>
 
@@ -38,7 +39,7 @@ namespace {
 // Per-thread scratch of one row.
 struct Work {
   std::vector<double> key, dl, u, hblk;
-  std::vector<int32_t> coord, eid;
+  std::vector<int32_t> coord, lvl;
   // Coordinates by |w| descending (ord, pos = inverse), their keys per level K_m[x] (keyl, n + 1
   // per level with a -inf sentinel), and prefix_u's pointers and accumulators.
   std::vector<int32_t> ord, pos, ptr;
@@ -50,7 +51,9 @@ struct Work {
   std::vector<Head> heads;
 };
 
-// Breakpoints of one row into wk.key / wk.coord / wk.eid / wk.dl, sorted by fp64 key descending,
+constexpr int kScanHeads = 16;
+
+// Breakpoints of one row into wk.key / wk.coord / wk.lvl / wk.dl, sorted by fp64 key descending,
 // ties by coordinate ascending. Returns their number.
 // The coordinates are sorted by |w| once (n log n); level m's keys K_m[x] = fl(|w_ord[x]| / (m + 1/2))
 // are then already in order (division by a constant is monotone), and the events are an Lmax-way
@@ -82,7 +85,7 @@ int64_t build_events(const double* w, int64_t d, int64_t qmin, int64_t qmax, Wor
     wk.dl.resize(cap);
     wk.u.resize(cap);
     wk.coord.resize(cap);
-    wk.eid.resize(cap);
+    wk.lvl.resize(cap);
   }
   if (n == 0) return 0;
   // Levels >= Lmin exist only for the sign with the longer grid side.
@@ -94,7 +97,43 @@ int64_t build_events(const double* w, int64_t d, int64_t qmin, int64_t qmax, Wor
     while (x < n && !has(m, x)) ++x;
     return x;
   };
-  // Heap of list heads; the top is the largest key, then the smallest coordinate.
+  int64_t T = 0;
+  auto emit = [&](int64_t m, int64_t x) {
+    const int32_t i = ord[x];
+    wk.key[T] = wk.keyl[m * n1 + x];
+    wk.coord[T] = i;
+    wk.lvl[T] = static_cast<int32_t>(m);
+    wk.dl[T] = w[i] > 0 ? 1.0 : -1.0;
+    ++T;
+  };
+  if (Lmax <= kScanHeads) {
+    // Few lists: the largest head by a branch-free scan (cheaper than a heap's unpredictable
+    // branches); an exhausted list holds -inf.
+    double hk[kScanHeads];
+    int32_t hc[kScanHeads], hx[kScanHeads];
+    int64_t total = 0;
+    for (int64_t m = 0; m < Lmax; ++m) {
+      const int64_t x = next_in(m, 0);
+      hx[m] = static_cast<int32_t>(x);
+      hk[m] = x < n ? wk.keyl[m * n1 + x] : -INFINITY;
+      hc[m] = x < n ? ord[x] : INT32_MAX;
+      for (int64_t y = x; y < n; ++y) total += has(m, y) ? 1 : 0;
+    }
+    for (int64_t e = 0; e < total; ++e) {
+      int best = 0;
+      for (int m = 1; m < Lmax; ++m) {
+        const bool b = hk[m] > hk[best] || (hk[m] == hk[best] && hc[m] < hc[best]);
+        best = b ? m : best;
+      }
+      emit(best, hx[best]);
+      const int64_t x2 = next_in(best, hx[best] + 1);
+      hx[best] = static_cast<int32_t>(x2);
+      hk[best] = x2 < n ? wk.keyl[best * n1 + x2] : -INFINITY;
+      hc[best] = x2 < n ? ord[x2] : INT32_MAX;
+    }
+    return T;
+  }
+  // Many lists: a binary heap of list heads; the top is the largest key, then the smallest coordinate.
   using Head = Work::Head;
   auto later = [](const Head& a, const Head& b) {
     return a.key < b.key || (a.key == b.key && a.coord > b.coord);
@@ -107,16 +146,10 @@ int64_t build_events(const double* w, int64_t d, int64_t qmin, int64_t qmax, Wor
       heap.push_back({wk.keyl[m * n1 + x], ord[x], static_cast<int32_t>(m), static_cast<int32_t>(x)});
   }
   std::make_heap(heap.begin(), heap.end(), later);
-  int64_t T = 0;
   while (!heap.empty()) {
     std::pop_heap(heap.begin(), heap.end(), later);
     Head& h = heap.back();
-    const int32_t i = h.coord;
-    wk.key[T] = h.key;
-    wk.coord[T] = i;
-    wk.eid[T] = static_cast<int32_t>(i * Lmax + h.m);
-    wk.dl[T] = w[i] > 0 ? 1.0 : -1.0;
-    ++T;
+    emit(h.m, h.x);
     const int64_t x2 = next_in(h.m, h.x + 1);
     if (x2 < n) {
       h = {wk.keyl[h.m * n1 + x2], ord[x2], h.m, static_cast<int32_t>(x2)};
@@ -298,11 +331,8 @@ void sweep_row_dense(const double* w, const double* lin, const scalar_t* H, int6
     // a tie group it sums to the group's change of q^T H q (the macro-event rule, ALGORITHM.md §2.7);
     // candidates are only taken at the end of a tie group.
     prefix_u<scalar_t>(w, H, d, qmin, qmax, wk);
-    const int64_t Lmax = std::max(qmax, -qmin), n = static_cast<int64_t>(wk.ord.size());
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t e = wk.eid[t];
-      u[t] = wk.dl[t] * wk.U[(e % Lmax) * n + wk.pos[e / Lmax]];
-    }
+    const int64_t n = static_cast<int64_t>(wk.ord.size());
+    for (int64_t t = 0; t < T; ++t) u[t] = wk.dl[t] * wk.U[wk.lvl[t] * n + wk.pos[wk.coord[t]]];
   } else {
     dense_u<scalar_t>(H, d, T, wk);
     for (int64_t t = 0; t < T; ++t) {  // u -> beta increment 2 delta u + H_ii, in place
