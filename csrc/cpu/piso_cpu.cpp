@@ -40,6 +40,8 @@ namespace {
 struct Work {
   std::vector<double> key, dl, u, hblk;
   std::vector<int32_t> coord, lvl;
+  std::vector<uint64_t> kb, kb2;  // build_events_radix
+  std::vector<int32_t> co, co2;
   // Coordinates by |w| descending (ord, pos = inverse), their keys per level K_m[x] (keyl, n + 1
   // per level with a -inf sentinel), and prefix_u's pointers and accumulators.
   std::vector<int32_t> ord, pos, ptr;
@@ -160,6 +162,76 @@ int64_t build_events(const double* w, int64_t d, int64_t qmin, int64_t qmax, Wor
   }
   return T;
 }
+
+// The same events as build_events, by an LSD radix sort of all n Lmax keys (stable: ties keep
+// coordinate order), without the sorted coordinate lists: faster where prefix_u (which needs
+// those lists) is not used, i.e. on narrow layers and groups (measured at d = 128).
+int64_t build_events_radix(const double* w, int64_t d, int64_t qmin, int64_t qmax, Work& wk) {
+  const int64_t Lmax = std::max(qmax, -qmin);
+  const size_t cap = static_cast<size_t>(d) * Lmax;
+  if (wk.kb.size() < cap) {
+    wk.kb.resize(cap);
+    wk.kb2.resize(cap);
+    wk.co.resize(cap);
+    wk.co2.resize(cap);
+    wk.key.resize(cap);
+    wk.dl.resize(cap);
+    wk.u.resize(cap);
+    wk.coord.resize(cap);
+    wk.lvl.resize(cap);
+  }
+  int64_t T = 0;
+  for (int64_t i = 0; i < d; ++i) {
+    const double wi = w[i];
+    if (wi == 0.0) continue;
+    const int64_t L = wi > 0 ? qmax : -qmin;
+    const double a = std::abs(wi);
+    for (int64_t k = 0; k < L; ++k) {
+      const double key = a / (static_cast<double>(k) + 0.5);
+      uint64_t bits;
+      std::memcpy(&bits, &key, sizeof bits);
+      wk.kb[T] = ~bits;  // positive doubles order like their bit patterns; ~ makes it descending
+      wk.co[T] = static_cast<int32_t>(i * Lmax + k);
+      ++T;
+    }
+  }
+  // LSD radix sort, 8-bit digits; digits equal for all keys (exponent bytes) are skipped.
+  uint32_t hist[8][256];
+  std::memset(hist, 0, sizeof hist);
+  for (int64_t t = 0; t < T; ++t) {
+    const uint64_t v = wk.kb[t];
+    for (int b = 0; b < 8; ++b) ++hist[b][(v >> (8 * b)) & 255];
+  }
+  uint64_t* src = wk.kb.data();
+  uint64_t* dst = wk.kb2.data();
+  int32_t* csrc = wk.co.data();
+  int32_t* cdst = wk.co2.data();
+  for (int b = 0; b < 8 && T > 0; ++b) {
+    if (hist[b][(src[0] >> (8 * b)) & 255] == static_cast<uint32_t>(T)) continue;
+    uint32_t off[256];
+    uint32_t acc = 0;
+    for (int v = 0; v < 256; ++v) {
+      off[v] = acc;
+      acc += hist[b][v];
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      const uint32_t p = off[(src[t] >> (8 * b)) & 255]++;
+      dst[p] = src[t];
+      cdst[p] = csrc[t];
+    }
+    std::swap(src, dst);
+    std::swap(csrc, cdst);
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    const uint64_t bits = ~src[t];
+    std::memcpy(&wk.key[t], &bits, sizeof bits);
+    wk.coord[t] = static_cast<int32_t>(csrc[t] / Lmax);
+    wk.lvl[t] = static_cast<int32_t>(csrc[t] % Lmax);
+    wk.dl[t] = w[wk.coord[t]] > 0 ? 1.0 : -1.0;
+  }
+  return T;
+}
+
 
 template <typename scalar_t>
 __attribute__((always_inline)) inline void add_row_body(double* __restrict h,
@@ -323,10 +395,11 @@ void select(const double* lin, int64_t T, const Work& wk, const double* dbeta, d
 template <typename scalar_t>
 void sweep_row_dense(const double* w, const double* lin, const scalar_t* H, int64_t d, int64_t qmin,
                      int64_t qmax, double eps, bool f32, int u_method, Work& wk, Best& best) {
-  const int64_t T = build_events(w, d, qmin, qmax, wk);
+  const bool prefix = u_method == 1 || (u_method == 0 && use_prefix_u(d, std::max(qmax, -qmin)));
+  const int64_t T = prefix ? build_events(w, d, qmin, qmax, wk) : build_events_radix(w, d, qmin, qmax, wk);
   if (T == 0) return;
   double* u = wk.u.data();
-  if (u_method == 1 || (u_method == 0 && use_prefix_u(d, std::max(qmax, -qmin)))) {
+  if (prefix) {
     // beta increment delta (u_before + u_after): per event equal to 2 delta u_before + H_ii, and over
     // a tie group it sums to the group's change of q^T H q (the macro-event rule, ALGORITHM.md §2.7);
     // candidates are only taken at the end of a tie group.
@@ -348,7 +421,7 @@ void sweep_row_dense(const double* w, const double* lin, const scalar_t* H, int6
 void sweep_row_diag(const double* w, const double* lin, const double* Hdiag, int64_t d, int64_t qmin,
                     int64_t qmax, double eps, bool f32, Work& wk, std::vector<int32_t>& level,
                     Best& best) {
-  const int64_t T = build_events(w, d, qmin, qmax, wk);
+  const int64_t T = build_events_radix(w, d, qmin, qmax, wk);
   if (T == 0) return;
   level.assign(d, 0);
   double* db = wk.u.data();
