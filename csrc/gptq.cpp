@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -333,20 +334,53 @@ bool factor_with_escalation(const char* op, double lambda0, double base, F&& fac
 // Inverse of a lower-triangular L by 2x2 blocks, inv([[A, 0], [B, C]]) = [[A^-1, 0], [X, C^-1]] with
 // X = -C^-1 (B A^-1) from one GEMM and one triangular solve: about D^3/2 flops, half of
 // solve_triangular(L, I), which treats the identity as a dense right-hand side.
-at::Tensor lower_tri_inverse(const at::Tensor& L) {
+// Writes L^-1 into `out` (an n x n view, possibly strided): the diagonal blocks recursively in
+// place, the off-diagonal block by one solve, so no block is computed into a temporary and copied.
+void lower_tri_inverse_into(const at::Tensor& L, at::Tensor out) {
   const int64_t n = L.size(0);
-  if (n <= 512) return at::linalg_solve_triangular(L, at::eye(n, L.options()), /*upper=*/false);
+  if (n <= 512) {
+    out.copy_(at::linalg_solve_triangular(L, at::eye(n, L.options()), /*upper=*/false));
+    return;
+  }
   const int64_t h = n / 2;
-  auto A = L.narrow(0, 0, h).narrow(1, 0, h);
   auto B = L.narrow(0, h, n - h).narrow(1, 0, h);
   auto C = L.narrow(0, h, n - h).narrow(1, h, n - h);
-  auto out = at::zeros({n, n}, L.options());
-  auto Ai = lower_tri_inverse(A);
+  auto oA = out.narrow(0, 0, h).narrow(1, 0, h);
+  out.narrow(0, 0, h).narrow(1, h, n - h).zero_();
+  lower_tri_inverse_into(L.narrow(0, 0, h).narrow(1, 0, h), oA);
+  lower_tri_inverse_into(C, out.narrow(0, h, n - h).narrow(1, h, n - h));
   out.narrow(0, h, n - h).narrow(1, 0, h)
-      .copy_(at::linalg_solve_triangular(C, at::mm(B, Ai), /*upper=*/false).neg_());
-  out.narrow(0, 0, h).narrow(1, 0, h).copy_(Ai);
-  out.narrow(0, h, n - h).narrow(1, h, n - h).copy_(lower_tri_inverse(C));
+      .copy_(at::linalg_solve_triangular(C, at::mm(B, oA), /*upper=*/false).neg_());
+}
+
+at::Tensor lower_tri_inverse(const at::Tensor& L) {
+  auto out = at::empty_like(L, at::MemoryFormat::Contiguous);
+  lower_tri_inverse_into(L, out);
   return out;
+}
+
+// LAPACK's Cholesky (the MKL/OpenBLAS copy inside libtorch_cpu, as ATen declares it), called in
+// place: linalg_cholesky_ex adds a full copy and a slow tril pass (132 ms of a 1.2 s GPTQ at 4096).
+extern "C" void spotrf_(char* uplo, int* n, float* a, int* lda, int* info);
+extern "C" void dpotrf_(char* uplo, int* n, double* a, int* lda, int* info);
+
+// For a contiguous CPU float/double symmetric M: factors M = L L^T in place and sets L = M (lower
+// triangle valid; the strict upper triangle keeps M's entries, which lower_tri_inverse never
+// reads), or leaves L undefined when M is not positive definite. Returns false (nothing done) for
+// other tensors. Row-major M is column-major M^T = M, whose upper factor U (M = U^T U) lands in the
+// row-major lower triangle as U^T = L.
+bool cholesky_lower_inplace_cpu(at::Tensor& M, at::Tensor& L) {
+  if (!M.device().is_cpu() || !M.is_contiguous() || M.size(0) > INT32_MAX) return false;
+  if (M.scalar_type() != at::kFloat && M.scalar_type() != at::kDouble) return false;
+  char uplo = 'U';
+  int n = static_cast<int>(M.size(0)), lda = std::max(1, n), info = 0;
+  if (M.scalar_type() == at::kFloat) {
+    spotrf_(&uplo, &n, M.data_ptr<float>(), &lda, &info);
+  } else {
+    dpotrf_(&uplo, &n, M.data_ptr<double>(), &lda, &info);
+  }
+  L = info == 0 ? M : at::Tensor();
+  return true;
 }
 
 // U = upper Cholesky factor of A^-1 (A symmetric positive definite), or undefined if A does not
@@ -357,9 +391,14 @@ at::Tensor lower_tri_inverse(const at::Tensor& L) {
 at::Tensor upper_chol_of_inverse(const at::Tensor& A, double lam = 0.0) {
   auto Af = A.flip({0, 1});  // a new tensor: the damping goes on its diagonal (flip keeps diagonals)
   if (lam != 0.0) Af.diagonal().add_(lam);
-  auto r = at::linalg_cholesky_ex(Af, /*upper=*/false, /*check_errors=*/false);
-  if (std::get<1>(r).item<int64_t>() != 0) return at::Tensor();
-  const auto& L = std::get<0>(r);
+  at::Tensor L;
+  if (!cholesky_lower_inplace_cpu(Af, L)) {
+    auto r = at::linalg_cholesky_ex(Af, /*upper=*/false, /*check_errors=*/false);
+    if (std::get<1>(r).item<int64_t>() != 0) return at::Tensor();
+    L = std::get<0>(r);
+  } else if (!L.defined()) {
+    return at::Tensor();  // not positive definite
+  }
   auto Li = lower_tri_inverse(L);
   auto U = Li.flip({0, 1}).contiguous();
   bool finite;
