@@ -163,8 +163,8 @@ int64_t build_events(const double* w, int64_t d, int64_t qmin, int64_t qmax, Wor
   return T;
 }
 
-// The same events as build_events, by an LSD radix sort of all n Lmax keys (stable: ties keep
-// coordinate order), without the sorted coordinate lists: faster where prefix_u (which needs
+// The same events as build_events (wk.key / wk.coord / wk.dl; not wk.lvl), by an LSD radix sort of
+// all n Lmax keys (stable: ties keep coordinate order), without the sorted coordinate lists: faster where prefix_u (which needs
 // those lists) is not used, i.e. on narrow layers and groups (measured at d = 128).
 int64_t build_events_radix(const double* w, int64_t d, int64_t qmin, int64_t qmax, Work& wk) {
   const int64_t Lmax = std::max(qmax, -qmin);
@@ -191,7 +191,7 @@ int64_t build_events_radix(const double* w, int64_t d, int64_t qmin, int64_t qma
       uint64_t bits;
       std::memcpy(&bits, &key, sizeof bits);
       wk.kb[T] = ~bits;  // positive doubles order like their bit patterns; ~ makes it descending
-      wk.co[T] = static_cast<int32_t>(i * Lmax + k);
+      wk.co[T] = static_cast<int32_t>(i);  // levels are not needed on the paths that use this
       ++T;
     }
   }
@@ -225,9 +225,8 @@ int64_t build_events_radix(const double* w, int64_t d, int64_t qmin, int64_t qma
   for (int64_t t = 0; t < T; ++t) {
     const uint64_t bits = ~src[t];
     std::memcpy(&wk.key[t], &bits, sizeof bits);
-    wk.coord[t] = static_cast<int32_t>(csrc[t] / Lmax);
-    wk.lvl[t] = static_cast<int32_t>(csrc[t] % Lmax);
-    wk.dl[t] = w[wk.coord[t]] > 0 ? 1.0 : -1.0;
+    wk.coord[t] = csrc[t];
+    wk.dl[t] = w[csrc[t]] > 0 ? 1.0 : -1.0;
   }
   return T;
 }
