@@ -156,51 +156,39 @@ at::Tensor column_order(const at::Tensor& dH, int64_t gs, bool act_order, bool g
   return inner.index_select(0, gorder).add_(gorder.mul(gs).unsqueeze(1)).reshape({D});
 }
 
-// M[:, idx] for a 2-D M; on CPU one pass per row (index_select along dim 1 is ~2x slower there).
-at::Tensor gather_cols(const at::Tensor& M, const at::Tensor& idx) {
-  if (!M.device().is_cpu()) return M.index_select(1, idx);
+// out[i, j] = M[rows[i], cols[j]] (rows undefined: i) for a 2-D M; on CPU in one pass into one new
+// tensor (index_select along dim 1 is ~2x slower there, and two index_selects allocate twice).
+at::Tensor gather2d(const at::Tensor& M, const at::Tensor& rows, const at::Tensor& cols) {
+  if (!M.device().is_cpu()) {
+    return (rows.defined() ? M.index_select(0, rows) : M).index_select(1, cols);
+  }
   const auto Mc = M.contiguous();
-  const auto ic = idx.contiguous();
+  const auto cc = cols.contiguous();
+  const auto rc = rows.defined() ? rows.contiguous() : rows;
   const int64_t R = Mc.size(0), D = Mc.size(1);
   auto out = at::empty({R, D}, Mc.options());
-  const int64_t* ip = ic.data_ptr<int64_t>();
-  AT_DISPATCH_ALL_TYPES(Mc.scalar_type(), "gather_cols", [&] {
+  const int64_t* cp = cc.data_ptr<int64_t>();
+  const int64_t* rp = rc.defined() ? rc.data_ptr<int64_t>() : nullptr;
+  AT_DISPATCH_ALL_TYPES(Mc.scalar_type(), "gather2d", [&] {
     const scalar_t* src = Mc.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* row = src + r * D;
+        const scalar_t* row = src + (rp ? rp[r] : r) * D;
         scalar_t* o = dst + r * D;
-        for (int64_t j = 0; j < D; ++j) o[j] = row[ip[j]];
+        for (int64_t j = 0; j < D; ++j) o[j] = row[cp[j]];
       }
     });
   });
   return out;
 }
 
-// M[perm][:, perm]; on CPU in one pass into one new tensor (two index_selects cost two D x D
-// allocations and a slow column gather).
-at::Tensor permute_sym(const at::Tensor& M, const at::Tensor& perm) {
-  if (!M.device().is_cpu() || !(M.scalar_type() == at::kFloat || M.scalar_type() == at::kDouble))
-    return M.index_select(0, perm).index_select(1, perm);
-  const auto Mc = M.contiguous();
-  const auto pc = perm.contiguous();
-  const int64_t D = Mc.size(0);
-  auto out = at::empty({D, D}, Mc.options());
-  const int64_t* pp = pc.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES(Mc.scalar_type(), "permute_sym", [&] {
-    const scalar_t* src = Mc.data_ptr<scalar_t>();
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    at::parallel_for(0, D, 16, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const scalar_t* row = src + pp[i] * D;
-        scalar_t* o = dst + i * D;
-        for (int64_t j = 0; j < D; ++j) o[j] = row[pp[j]];
-      }
-    });
-  });
-  return out;
+at::Tensor gather_cols(const at::Tensor& M, const at::Tensor& idx) {
+  return gather2d(M, at::Tensor(), idx);
 }
+
+// M[perm][:, perm].
+at::Tensor permute_sym(const at::Tensor& M, const at::Tensor& perm) { return gather2d(M, perm, perm); }
 
 // Scale update of the group occupying processing positions [g0, g0 + gs), just before its first
 // column is quantized (ALGORITHM §4.3). `explicit_seq`: evaluate PiSO_S's linear term by its

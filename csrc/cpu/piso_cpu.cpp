@@ -51,6 +51,14 @@ struct Work {
     int32_t coord, m, x;
   };
   std::vector<Head> heads;
+  void reserve_events(size_t cap) {  // the per-event arrays both event builders fill
+    if (key.size() >= cap) return;
+    key.resize(cap);
+    dl.resize(cap);
+    u.resize(cap);
+    coord.resize(cap);
+    lvl.resize(cap);
+  }
 };
 
 constexpr int kScanHeads = 16;
@@ -81,14 +89,7 @@ int64_t build_events(const double* w, int64_t d, int64_t qmin, int64_t qmax, Wor
     for (int64_t x = 0; x < n; ++x) K[x] = std::abs(w[ord[x]]) / half;
     K[n] = -INFINITY;
   }
-  const size_t cap = static_cast<size_t>(n * Lmax);
-  if (wk.key.size() < cap) {
-    wk.key.resize(cap);
-    wk.dl.resize(cap);
-    wk.u.resize(cap);
-    wk.coord.resize(cap);
-    wk.lvl.resize(cap);
-  }
+  wk.reserve_events(static_cast<size_t>(n * Lmax));
   if (n == 0) return 0;
   // Levels >= Lmin exist only for the sign with the longer grid side.
   const int big = Lneg > Lpos ? -1 : 1;
@@ -169,16 +170,12 @@ int64_t build_events(const double* w, int64_t d, int64_t qmin, int64_t qmax, Wor
 int64_t build_events_radix(const double* w, int64_t d, int64_t qmin, int64_t qmax, Work& wk) {
   const int64_t Lmax = std::max(qmax, -qmin);
   const size_t cap = static_cast<size_t>(d) * Lmax;
+  wk.reserve_events(cap);
   if (wk.kb.size() < cap) {
     wk.kb.resize(cap);
     wk.kb2.resize(cap);
     wk.co.resize(cap);
     wk.co2.resize(cap);
-    wk.key.resize(cap);
-    wk.dl.resize(cap);
-    wk.u.resize(cap);
-    wk.coord.resize(cap);
-    wk.lvl.resize(cap);
   }
   int64_t T = 0;
   for (int64_t i = 0; i < d; ++i) {
