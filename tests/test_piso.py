@@ -161,6 +161,35 @@ def test_prefix_u_equals_per_event_updates_and_brute_force(wkind):
             assert (o1 <= e_b + tol(e_b)).all()
 
 
+@pytest.mark.parametrize("hkind", ["identity", "diag", "dense"])
+def test_keys_equal_in_their_high_bits_are_ordered_exactly(hkind):
+    """Weights 2^-24 (or a few ulps) apart give keys that agree in their top 32 bits and differ
+    below (the CPU event sort orders those by the full key in a second pass), mixed with exact
+    ties: the sweep
+    must agree with the event-parallel one (an independent ATen sort) and reach brute force."""
+    gen = torch.Generator().manual_seed(21)
+    base = torch.tensor([0.3, 0.7, 1.1], dtype=f64)
+    for trial in range(6):
+        D = [12, 40][trial % 2]
+        mags = base[torch.randint(0, 3, (5, D), generator=gen)]
+        steps = torch.randint(0, 4, (5, D), generator=gen).to(f64)
+        # 2^-24 apart: candidate intervals (wider than eps) between keys with the same top 32 bits;
+        # 2^-50: a few ulps apart (intervals too narrow to be candidates)
+        W = mags * (1 + steps * 2.0 ** (-24 if trial % 3 else -50))
+        W = W * torch.where(torch.rand(5, D, generator=gen) < 0.5, -1.0, 1.0).to(f64)
+        H = H_variant(hkind, D, gen)
+        lin = ref._lin(W, H, None)
+        for bits in (2, 4):
+            qmin, qmax = ref.int_grid(bits)
+            s1, o1 = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, "sequential")
+            s2, o2 = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, "event_parallel")
+            torch.testing.assert_close(o1, o2, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(ref.objective_lin(W, lin, s1, H, qmin, qmax), o1,
+                                       rtol=1e-9, atol=1e-12)
+            e_b, _ = ref.brute_force_lin(W, lin, H, qmin, qmax, n=800)
+            assert (o1 <= e_b + tol(e_b)).all()
+
+
 def test_dense_equals_diagonal_when_H_is_diagonal():
     gen = torch.Generator().manual_seed(4)
     for bits in (2, 3, 4):

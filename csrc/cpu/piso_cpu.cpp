@@ -192,18 +192,20 @@ int64_t build_events_radix(const double* w, int64_t d, int64_t qmin, int64_t qma
       ++T;
     }
   }
-  // LSD radix sort, 8-bit digits; digits equal for all keys (exponent bytes) are skipped.
+  // LSD radix sort on the high 32 bits only (sign, exponent and 20 mantissa bits; 8-bit digits,
+  // digits equal for all keys skipped), then an insertion pass that orders the rare runs of keys
+  // sharing those bits by the full key. Stable throughout, so exact ties keep coordinate order.
   uint32_t hist[8][256];
   std::memset(hist, 0, sizeof hist);
   for (int64_t t = 0; t < T; ++t) {
     const uint64_t v = wk.kb[t];
-    for (int b = 0; b < 8; ++b) ++hist[b][(v >> (8 * b)) & 255];
+    for (int b = 4; b < 8; ++b) ++hist[b][(v >> (8 * b)) & 255];
   }
   uint64_t* src = wk.kb.data();
   uint64_t* dst = wk.kb2.data();
   int32_t* csrc = wk.co.data();
   int32_t* cdst = wk.co2.data();
-  for (int b = 0; b < 8 && T > 0; ++b) {
+  for (int b = 4; b < 8 && T > 0; ++b) {
     if (hist[b][(src[0] >> (8 * b)) & 255] == static_cast<uint32_t>(T)) continue;
     uint32_t off[256];
     uint32_t acc = 0;
@@ -218,6 +220,18 @@ int64_t build_events_radix(const double* w, int64_t d, int64_t qmin, int64_t qma
     }
     std::swap(src, dst);
     std::swap(csrc, cdst);
+  }
+  for (int64_t t = 1; t < T; ++t) {
+    const uint64_t v = src[t];
+    if (!((src[t - 1] >> 32) == (v >> 32) && src[t - 1] > v)) continue;
+    const int32_t c = csrc[t];
+    int64_t j = t;
+    for (; j > 0 && (src[j - 1] >> 32) == (v >> 32) && src[j - 1] > v; --j) {
+      src[j] = src[j - 1];
+      csrc[j] = csrc[j - 1];
+    }
+    src[j] = v;
+    csrc[j] = c;
   }
   for (int64_t t = 0; t < T; ++t) {
     const uint64_t bits = ~src[t];
