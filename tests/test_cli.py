@@ -154,3 +154,32 @@ def test_module_entry_point_help():
     r = subprocess.run([sys.executable, "-m", "torch_piso", "--help"], capture_output=True, text=True,
                        cwd=ROOT, env=env, timeout=120)
     assert r.returncode == 0 and "quantize" in r.stdout and "demo" in r.stdout
+
+
+@pytest.mark.parametrize("example", ["channelwise_table", "groupwise_table"])
+def test_paper_table_examples_print_a_row_per_recipe(assets, capsys, example):
+    import importlib.util
+
+    model_dir, text, _ = assets
+    spec = importlib.util.spec_from_file_location(example, ROOT / "examples" / f"{example}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rc = mod.main(["--model", str(model_dir), "--text", str(text), "--rows", "rtn-absmax,rtn-piso",
+                   "--bits", "4", "--group-size", "32", "--samples", "4", "--seqlen", "32",
+                   "--eval-tokens", "256"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    table = [l for l in out.splitlines() if l.startswith("| ")]
+    assert len(table) == 1 + 3  # header, float + two recipes
+    ppl = {l.split("|")[1].strip(): float(l.split("|")[3]) for l in table[1:]}
+    assert set(ppl) == {"float", "rtn-absmax", "rtn-piso"} and all(v > 1 for v in ppl.values())
+
+
+def test_groupwise_table_rejects_per_channel():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gw", ROOT / "examples" / "groupwise_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit):
+        mod.main(["--group-size", "-1"])

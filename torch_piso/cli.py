@@ -344,6 +344,42 @@ def run_recipes(model, tok, ids, recipes, *, bits, group_size, samples, seqlen, 
     return rows
 
 
+def paper_table_main(argv, *, description: str, default_rows, default_group_size: int,
+                     need_groups: bool = False) -> int:
+    """The command line of examples/channelwise_table.py and examples/groupwise_table.py: the
+    paper's rows on a local Llama / Qwen checkpoint, printed as a perplexity table. The rows' own
+    group_size (32 for the † / _s rows) is overridden by --group-size."""
+    import argparse
+
+    from .data import load_text, tokenize
+    from .load import load_model
+
+    ap = argparse.ArgumentParser(description=description,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="HF directory or .gguf (default: offline SmolLM2)")
+    ap.add_argument("--text", default=None, help="text file (default: offline World English Bible)")
+    ap.add_argument("--bits", type=int, default=3)
+    ap.add_argument("--group-size", type=int, default=default_group_size,
+                    help="-1: per channel" if not need_groups else "must divide every in_features")
+    ap.add_argument("--rows", default=",".join(default_rows))
+    ap.add_argument("--samples", type=int, default=128, help="paper: 128 x 2048")
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--eval-seqlen", type=int, default=None, help="perplexity window (default: --seqlen)")
+    ap.add_argument("--eval-tokens", type=int, default=0, help="0: all of the held-out part")
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args(argv)
+    if need_groups and args.group_size < 1:
+        ap.error("--group-size must be positive for the group-wise table")
+    model, tok = load_model(args.model)
+    ids = tokenize(tok, load_text(args.text))
+    rows = run_recipes(model, tok, ids, args.rows.split(","), bits=args.bits,
+                       group_size=args.group_size, samples=args.samples, seqlen=args.seqlen,
+                       eval_tokens=args.eval_tokens or None, device=args.device,
+                       eval_seqlen=args.eval_seqlen)
+    print(_fmt_table(rows))
+    return 0 if all(r.get("perplexity") is not None for r in rows) else 1
+
+
 def cmd_demo(args) -> int:
     from .load import load_model
 
