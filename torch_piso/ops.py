@@ -119,7 +119,8 @@ def piso_sweep(W: Tensor, lin: Tensor, H: Optional[Tensor], qmin: int, qmax: int
     """The raw breakpoint sweep over independent rows sharing one H block:
     minimizes ``s² qᵀHq − 2s qᵀlin[r]`` with ``q = RTN(W[r] / s)`` on ``[qmin, qmax]``.
     Returns (scales, objective at the returned scale, float64). ``algorithm``: ``auto`` (CPU:
-    sequential, CUDA: event_parallel), ``sequential`` or ``event_parallel``."""
+    sequential, CUDA: event_parallel), ``sequential`` or ``event_parallel``; ``sequential_prefix`` /
+    ``sequential_events`` force one of the CPU sweep's two ways to the u values (tests)."""
     return _lib._piso_sweep(W, lin, H, qmin, qmax, eps, algorithm)
 
 
