@@ -55,19 +55,19 @@ bool all_finite_cpu(const T* p, int64_t n) {
 }
 }  // namespace detail
 
-// NaN/Inf are rejected (never a silent wrong answer). One reduction pass over the data.
-inline void check_finite(const at::Tensor& t, const char* name) {
-  if (t.numel() == 0) return;
-  bool ok;
-  if (t.device().is_cpu() && t.is_contiguous() &&
-      (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble)) {
-    ok = t.scalar_type() == at::kFloat
-             ? detail::all_finite_cpu(t.data_ptr<float>(), t.numel())
-             : detail::all_finite_cpu(t.data_ptr<double>(), t.numel());
-  } else {
-    ok = at::isfinite(t).all().item<bool>();
+// Whether every element is finite: one pass, and on CPU (contiguous float/double) no temporary.
+inline bool all_finite(const at::Tensor& t) {
+  if (t.numel() == 0) return true;
+  if (t.device().is_cpu() && t.is_contiguous()) {
+    if (t.scalar_type() == at::kFloat) return detail::all_finite_cpu(t.data_ptr<float>(), t.numel());
+    if (t.scalar_type() == at::kDouble) return detail::all_finite_cpu(t.data_ptr<double>(), t.numel());
   }
-  TORCH_CHECK(ok, name, ": contains NaN or Inf; remove non-finite values before calling");
+  return at::isfinite(t).all().item<bool>();
+}
+
+// NaN/Inf are rejected (never a silent wrong answer).
+inline void check_finite(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(all_finite(t), name, ": contains NaN or Inf; remove non-finite values before calling");
 }
 
 inline void check_bits(int64_t bits) {

@@ -363,14 +363,7 @@ at::Tensor upper_chol_of_inverse(const at::Tensor& A, double lam = 0.0) {
   const auto& L = std::get<0>(r);
   auto Li = lower_tri_inverse(L);
   auto U = Li.flip({0, 1}).contiguous();
-  bool finite;
-  if (U.device().is_cpu()) {
-    finite = U.scalar_type() == at::kFloat ? detail::all_finite_cpu(U.data_ptr<float>(), U.numel())
-                                           : detail::all_finite_cpu(U.data_ptr<double>(), U.numel());
-  } else {
-    finite = at::isfinite(U).all().item<bool>();
-  }
-  if (!finite) return at::Tensor();
+  if (!all_finite(U)) return at::Tensor();
   return U;
 }
 

@@ -89,7 +89,6 @@ SweepResult sweep_event_parallel(const at::Tensor& W, const at::Tensor& lin, con
   const auto dalpha = delta * lin.gather(1, coord);
   at::Tensor dbeta;
   if (H.defined() && H.dim() == 2) {
-    const auto Hd = H.to(at::kDouble);
 #ifdef PISO_WITH_CUDA
     // PISO_CUDA_EVENT_U=counts selects the per-event count kernel also where the prefix one applies.
     const char* env = std::getenv("PISO_CUDA_EVENT_U");
@@ -98,11 +97,12 @@ SweepResult sweep_event_parallel(const at::Tensor& W, const at::Tensor& lin, con
     if (W.is_cuda() && Lmax <= 8 && d <= 65535 && !counts_only) {
       U = event_u_prefix_cuda(A, SL, H, qmin, qmax);
     } else {
+      const auto Hd = H.to(at::kDouble);  // the count kernels read float64 H
       U = W.is_cuda() ? event_u_cuda(A, SL, Hd, Lmax) : event_u_cpu(A, SL, Hd, Lmax);
     }
 #else
     TORCH_CHECK(W.device().is_cpu(), "_piso_sweep: no event_u kernel for device ", W.device());
-    auto U = event_u_cpu(A, SL, Hd, Lmax);
+    auto U = event_u_cpu(A, SL, H.to(at::kDouble), Lmax);
 #endif
     dbeta = delta * U.reshape({R, d * Lmax}).gather(1, idx);
   } else {
