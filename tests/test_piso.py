@@ -141,8 +141,8 @@ def test_prefix_u_equals_per_event_updates_and_brute_force(wkind):
     one row of H per breakpoint event) give the same objective, with exact ties, both grid kinds,
     dead coordinates and zero weights; and both reach the brute-force optimum."""
     gen = torch.Generator().manual_seed(zlib.crc32(wkind.encode()))
-    for trial in range(10):
-        bits = [2, 3, 4, 5, 6][trial % 5]  # 6 bits: 32 level lists, merged by the heap path
+    for trial in range(12):
+        bits = [2, 3, 4, 5, 6, 8][trial % 6]  # 8 bits: 128 level lists
         qmin, qmax = ref.int_grid(bits, trial % 3 == 1)
         D = [9, 40, 130, 300][trial % 4]
         W = make_W(wkind, 7, D, gen, f64 if trial % 2 else torch.float32)

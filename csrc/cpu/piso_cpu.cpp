@@ -12,16 +12,15 @@
 //
 // Speed (dense H). The u_e cost O(d) each, 2^(b-1) d^2 additions per row with one row of H per event.
 // Two ways to them, the cheaper chosen per layer (use_prefix_u):
-// - prefix_u (4 Lmax^2 <= d, e.g. 4 bits from d = 256): coordinates sorted by |w|; the u value of
-//   each event is a sum over levels of prefix sums of H's rows in that order, read from one pass of
-//   n row additions (n d instead of 2^(b-1) n d) -- see prefix_u.
+// - prefix_u: the u value of each event is a sum over levels of prefix sums of H's rows, taken over
+//   the coordinates sorted by |w|; one pass of n row additions (n d instead of 2^(b-1) n d) serves
+//   every event from contiguous ranges of the event order -- see prefix_u.
 // - dense_u (wide grids on narrow layers): per-event updates, cache-blocked over the updating
 //   coordinate: for each panel J of coordinates (H[J, :], ~512 KiB, stays in L2),
 //     h_J = H[:, J] q_J,   u_e += h_J[i_e]  for every event e,   h_J += delta H[:, j]  for e in J,
 //   walking all events in sweep order; H is read from memory once per row instead of 2^(b-1) times.
 // Float32 H is kept as float32 (half the traffic) and widened exactly to fp64 in the adds; sums,
-// alpha, beta are fp64. Events come from one sort of the coordinates by |w| and an Lmax-way merge of
-// the per-level key lists (build_events).
+// alpha, beta are fp64. Events come from one radix sort of their fp64 keys (build_events).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -38,20 +37,15 @@ namespace {
 
 // Per-thread scratch of one row.
 struct Work {
-  std::vector<double> key, dl, u, hblk;
+  std::vector<double> key, dl, u, hblk, al, be;
   std::vector<int32_t> coord, lvl;
-  std::vector<uint64_t> kb, kb2;  // build_events_radix
+  std::vector<uint64_t> kb, kb2;  // build_events' radix sort
   std::vector<int32_t> co, co2;
-  // Coordinates by |w| descending (ord, pos = inverse), their keys per level K_m[x] (keyl, n + 1
-  // per level with a -inf sentinel), and prefix_u's pointers and accumulators.
-  std::vector<int32_t> ord, pos, ptr;
-  std::vector<double> keyl, accp, accn, U;
-  struct Head {
-    double key;
-    int32_t coord, m, x;
-  };
-  std::vector<Head> heads;
-  void reserve_events(size_t cap) {  // the per-event arrays both event builders fill
+  // prefix_u: coordinates by |w| descending (ord, pos = inverse), the per-level lists (A, B, X,
+  // Lmax * d each, see prefix_u), the open tie group (mem) and the accumulators.
+  std::vector<int32_t> ord, pos, A, B, X, mem;
+  std::vector<double> accp, accn;
+  void reserve_events(size_t cap) {  // the per-event arrays build_events fills
     if (key.size() >= cap) return;
     key.resize(cap);
     dl.resize(cap);
@@ -61,115 +55,15 @@ struct Work {
   }
 };
 
-constexpr int kScanHeads = 16;
-
-// Breakpoints of one row into wk.key / wk.coord / wk.lvl / wk.dl, sorted by fp64 key descending,
-// ties by coordinate ascending. Returns their number.
-// The coordinates are sorted by |w| once (n log n); level m's keys K_m[x] = fl(|w_ord[x]| / (m + 1/2))
-// are then already in order (division by a constant is monotone), and the events are an Lmax-way
-// merge of those lists (a binary heap of list heads): far fewer passes than sorting all n Lmax keys.
-int64_t build_events(const double* w, int64_t d, int64_t qmin, int64_t qmax, Work& wk) {
-  const int64_t Lpos = qmax, Lneg = -qmin, Lmax = std::max(Lpos, Lneg), Lmin = std::min(Lpos, Lneg);
-  auto& ord = wk.ord;
-  ord.clear();
-  for (int64_t j = 0; j < d; ++j)
-    if (w[j] != 0.0) ord.push_back(static_cast<int32_t>(j));
-  const int64_t n = static_cast<int64_t>(ord.size());
-  std::sort(ord.begin(), ord.end(), [w](int32_t x, int32_t y) {
-    const double ax = std::abs(w[x]), ay = std::abs(w[y]);
-    return ax > ay || (ax == ay && x < y);
-  });
-  wk.pos.resize(d);
-  for (int64_t x = 0; x < n; ++x) wk.pos[ord[x]] = static_cast<int32_t>(x);
-  const int64_t n1 = n + 1;
-  wk.keyl.resize(static_cast<size_t>(Lmax * n1));
-  for (int64_t m = 0; m < Lmax; ++m) {
-    double* K = wk.keyl.data() + m * n1;
-    const double half = static_cast<double>(m) + 0.5;
-    for (int64_t x = 0; x < n; ++x) K[x] = std::abs(w[ord[x]]) / half;
-    K[n] = -INFINITY;
-  }
-  wk.reserve_events(static_cast<size_t>(n * Lmax));
-  if (n == 0) return 0;
-  // Levels >= Lmin exist only for the sign with the longer grid side.
-  const int big = Lneg > Lpos ? -1 : 1;
-  auto has = [&](int64_t m, int64_t x) {
-    return m < Lmin || (w[ord[x]] > 0 ? big > 0 : big < 0);
-  };
-  auto next_in = [&](int64_t m, int64_t x) {  // first x' >= x holding level m, or n
-    while (x < n && !has(m, x)) ++x;
-    return x;
-  };
-  int64_t T = 0;
-  auto emit = [&](int64_t m, int64_t x) {
-    const int32_t i = ord[x];
-    wk.key[T] = wk.keyl[m * n1 + x];
-    wk.coord[T] = i;
-    wk.lvl[T] = static_cast<int32_t>(m);
-    wk.dl[T] = w[i] > 0 ? 1.0 : -1.0;
-    ++T;
-  };
-  if (Lmax <= kScanHeads) {
-    // Few lists: the largest head by a branch-free scan (cheaper than a heap's unpredictable
-    // branches); an exhausted list holds -inf.
-    double hk[kScanHeads];
-    int32_t hc[kScanHeads], hx[kScanHeads];
-    int64_t total = 0;
-    for (int64_t m = 0; m < Lmax; ++m) {
-      const int64_t x = next_in(m, 0);
-      hx[m] = static_cast<int32_t>(x);
-      hk[m] = x < n ? wk.keyl[m * n1 + x] : -INFINITY;
-      hc[m] = x < n ? ord[x] : INT32_MAX;
-      for (int64_t y = x; y < n; ++y) total += has(m, y) ? 1 : 0;
-    }
-    for (int64_t e = 0; e < total; ++e) {
-      int best = 0;
-      for (int m = 1; m < Lmax; ++m) {
-        const bool b = hk[m] > hk[best] || (hk[m] == hk[best] && hc[m] < hc[best]);
-        best = b ? m : best;
-      }
-      emit(best, hx[best]);
-      const int64_t x2 = next_in(best, hx[best] + 1);
-      hx[best] = static_cast<int32_t>(x2);
-      hk[best] = x2 < n ? wk.keyl[best * n1 + x2] : -INFINITY;
-      hc[best] = x2 < n ? ord[x2] : INT32_MAX;
-    }
-    return T;
-  }
-  // Many lists: a binary heap of list heads; the top is the largest key, then the smallest coordinate.
-  using Head = Work::Head;
-  auto later = [](const Head& a, const Head& b) {
-    return a.key < b.key || (a.key == b.key && a.coord > b.coord);
-  };
-  auto& heap = wk.heads;
-  heap.clear();
-  for (int64_t m = 0; m < Lmax; ++m) {
-    const int64_t x = next_in(m, 0);
-    if (x < n)
-      heap.push_back({wk.keyl[m * n1 + x], ord[x], static_cast<int32_t>(m), static_cast<int32_t>(x)});
-  }
-  std::make_heap(heap.begin(), heap.end(), later);
-  while (!heap.empty()) {
-    std::pop_heap(heap.begin(), heap.end(), later);
-    Head& h = heap.back();
-    emit(h.m, h.x);
-    const int64_t x2 = next_in(h.m, h.x + 1);
-    if (x2 < n) {
-      h = {wk.keyl[h.m * n1 + x2], ord[x2], h.m, static_cast<int32_t>(x2)};
-      std::push_heap(heap.begin(), heap.end(), later);
-    } else {
-      heap.pop_back();
-    }
-  }
-  return T;
-}
-
-// The same events as build_events (wk.key / wk.coord / wk.dl; not wk.lvl), by an LSD radix sort of
-// all n Lmax keys (stable: ties keep coordinate order), without the sorted coordinate lists: faster where prefix_u (which needs
-// those lists) is not used, i.e. on narrow layers and groups (measured at d = 128).
-int64_t build_events_radix(const double* w, int64_t d, int64_t qmin, int64_t qmax, Work& wk) {
+// Breakpoints of one row into wk.key / wk.coord / wk.dl (and wk.lvl if `levels`), sorted by fp64
+// key descending, ties by coordinate ascending. Returns their number T. An LSD radix sort of all
+// n Lmax keys (stable: ties keep coordinate order) on the keys' high 32 bits, then an exact
+// insertion pass. With `levels` the level rides in the payload's low 7 bits (Lmax <= 128, d < 2^25).
+int64_t build_events(const double* w, int64_t d, int64_t qmin, int64_t qmax, bool levels, Work& wk) {
   const int64_t Lmax = std::max(qmax, -qmin);
-  const size_t cap = static_cast<size_t>(d) * Lmax;
+  const int shift = levels ? 7 : 0;
+  TORCH_INTERNAL_ASSERT(!levels || (Lmax <= 128 && d < (int64_t{1} << 24)));
+  const size_t cap = static_cast<size_t>(d) * Lmax + Lmax;  // + Lmax: the last coordinate's spill
   wk.reserve_events(cap);
   if (wk.kb.size() < cap) {
     wk.kb.resize(cap);
@@ -177,36 +71,48 @@ int64_t build_events_radix(const double* w, int64_t d, int64_t qmin, int64_t qma
     wk.co.resize(cap);
     wk.co2.resize(cap);
   }
+  // Keys coordinate by coordinate (so that the stable sort keeps exact ties in coordinate order),
+  // branch-free: every coordinate writes Lmax keys and keeps its first L (0 for w = 0, else qmax or
+  // -qmin by sign); the next coordinate overwrites the rest.
+  const int64_t Lpos = qmax, Lneg = -qmin;
+  uint64_t* kb = wk.kb.data();
+  int32_t* co = wk.co.data();
   int64_t T = 0;
   for (int64_t i = 0; i < d; ++i) {
     const double wi = w[i];
-    if (wi == 0.0) continue;
-    const int64_t L = wi > 0 ? qmax : -qmin;
     const double a = std::abs(wi);
-    for (int64_t k = 0; k < L; ++k) {
+    const int64_t L = a == 0.0 ? 0 : (wi > 0.0 ? Lpos : Lneg);
+    for (int64_t k = 0; k < Lmax; ++k) {
       const double key = a / (static_cast<double>(k) + 0.5);
       uint64_t bits;
       std::memcpy(&bits, &key, sizeof bits);
-      wk.kb[T] = ~bits;  // positive doubles order like their bit patterns; ~ makes it descending
-      wk.co[T] = static_cast<int32_t>(i);  // levels are not needed on the paths that use this
-      ++T;
+      kb[T + k] = ~bits;  // positive doubles order like their bit patterns; ~ makes it descending
+      co[T + k] = static_cast<int32_t>((i << shift) | (levels ? k : 0));
     }
+    T += L;
   }
-  // LSD radix sort on the high 32 bits only (sign, exponent and 20 mantissa bits; 8-bit digits,
-  // digits equal for all keys skipped), then an insertion pass that orders the rare runs of keys
-  // sharing those bits by the full key. Stable throughout, so exact ties keep coordinate order.
-  uint32_t hist[8][256];
+  if (T == 0) return 0;
+  // LSD radix sort (stable, 8-bit digits) on the 24 bits from the highest bit in which any two keys
+  // differ, then an insertion pass that orders the rare runs of keys agreeing in those bits by the
+  // full key, and exact ties by coordinate (the payload orders like the coordinate).
+  uint64_t diff = 0;
+  for (int64_t t = 0; t < T; ++t) diff |= kb[t] ^ kb[0];
+  const int hb = diff ? 63 - __builtin_clzll(diff) : -1;
+  const int lo = std::max(0, hb + 1 - 24);
+  const int nd = hb < 0 ? 0 : (hb - lo) / 8 + 1;
+  uint32_t hist[3][256];
   std::memset(hist, 0, sizeof hist);
   for (int64_t t = 0; t < T; ++t) {
-    const uint64_t v = wk.kb[t];
-    for (int b = 4; b < 8; ++b) ++hist[b][(v >> (8 * b)) & 255];
+    const uint64_t v = kb[t] >> lo;
+    for (int b = 0; b < nd; ++b) ++hist[b][(v >> (8 * b)) & 255];
   }
-  uint64_t* src = wk.kb.data();
+  uint64_t* src = kb;
   uint64_t* dst = wk.kb2.data();
-  int32_t* csrc = wk.co.data();
+  int32_t* csrc = co;
   int32_t* cdst = wk.co2.data();
-  for (int b = 4; b < 8 && T > 0; ++b) {
-    if (hist[b][(src[0] >> (8 * b)) & 255] == static_cast<uint32_t>(T)) continue;
+  for (int b = 0; b < nd; ++b) {
+    const int sh = lo + 8 * b;
+    if (hist[b][(src[0] >> sh) & 255] == static_cast<uint32_t>(T)) continue;
     uint32_t off[256];
     uint32_t acc = 0;
     for (int v = 0; v < 256; ++v) {
@@ -214,19 +120,22 @@ int64_t build_events_radix(const double* w, int64_t d, int64_t qmin, int64_t qma
       acc += hist[b][v];
     }
     for (int64_t t = 0; t < T; ++t) {
-      const uint32_t p = off[(src[t] >> (8 * b)) & 255]++;
+      const uint32_t p = off[(src[t] >> sh) & 255]++;
       dst[p] = src[t];
       cdst[p] = csrc[t];
     }
     std::swap(src, dst);
     std::swap(csrc, cdst);
   }
+  auto before = [&](int64_t j, uint64_t v, int32_t c) {  // element j belongs after (v, c)
+    return (src[j] >> lo) == (v >> lo) && (src[j] > v || (src[j] == v && csrc[j] > c));
+  };
   for (int64_t t = 1; t < T; ++t) {
     const uint64_t v = src[t];
-    if (!((src[t - 1] >> 32) == (v >> 32) && src[t - 1] > v)) continue;
     const int32_t c = csrc[t];
+    if (!before(t - 1, v, c)) continue;
     int64_t j = t;
-    for (; j > 0 && (src[j - 1] >> 32) == (v >> 32) && src[j - 1] > v; --j) {
+    for (; j > 0 && before(j - 1, v, c); --j) {
       src[j] = src[j - 1];
       csrc[j] = csrc[j - 1];
     }
@@ -236,8 +145,10 @@ int64_t build_events_radix(const double* w, int64_t d, int64_t qmin, int64_t qma
   for (int64_t t = 0; t < T; ++t) {
     const uint64_t bits = ~src[t];
     std::memcpy(&wk.key[t], &bits, sizeof bits);
-    wk.coord[t] = csrc[t];
-    wk.dl[t] = w[csrc[t]] > 0 ? 1.0 : -1.0;
+    const int32_t c = csrc[t] >> shift;
+    wk.coord[t] = c;
+    if (levels) wk.lvl[t] = csrc[t] & 127;
+    wk.dl[t] = std::copysign(1.0, w[c]);
   }
   return T;
 }
@@ -294,74 +205,105 @@ void dense_u(const scalar_t* H, int64_t d, int64_t T, Work& wk) {
 }
 
 // Whether prefix_u is the cheaper way to the u values of a row: it costs n d additions plus about
-// 4 n Lmax^2 pointer steps and reads, against 2^(b-1) d^2 for dense_u.
-inline bool use_prefix_u(int64_t d, int64_t Lmax) { return d >= 512 && 16 * Lmax * Lmax <= d; }
+// n Lmax^2 scalar reads, against Lmax n d (vectorized) additions for dense_u. The crossover below
+// is measured (benchmarks/piso_rows_timing.py-style timings of both, 2026-11-30, 2-core Xeon):
+// 2-bit grids from d = 512, 3 to 6 bits from d = 256, wider grids from d of about 7 Lmax.
+inline bool use_prefix_u(int64_t d, int64_t Lmax) {
+  return d >= std::max<int64_t>(Lmax <= 2 ? 512 : 256, 7 * Lmax);
+}
 
-// u values of every event (i, k) of one row, (H q_before)_i + (H q_after)_i (the contract of event_u
-// in piso_internal.h), with n d additions instead of the sweep's 2^(b-1) n d.
+// u values of every event of one row, (H q_before)_i + (H q_after)_i (the contract of event_u in
+// piso_internal.h), into wk.u[t] for the events t of build_events(levels = true), with n d additions
+// instead of the sweep's 2^(b-1) n d. Derivation and tie rules: docs/PREFIX_SWEEP.md.
 //
-// Order the n nonzero coordinates by |w| descending (position x = 0..n-1, a_x = |w_ord[x]|) and let
-// K_m[x] = fl(a_x / (m + 1/2)): K_k[x] is the key of event (ord[x], k), and every K_m decreases in x
-// (correctly rounded division is monotone). For event (i, k) at position s, sigma = K_k[s]:
-//   q_before_j = sign(w_j) #{l < L_j : K_l[pos j] >  sigma},  q_after_j: the same with >=,
-// and for a fixed level l the j counted form a prefix of the order, of length
-//   p_gt(l, s, k) = #{x : K_l[x] > sigma}  (p_ge with >=),
-// so (H q_before)_i = sum_l S_l(i, p_gt(l, s, k)) with S_l(i, p) = sum_{x < p} sign(w_ord[x]) H[i, ord[x]]
-// (for l < min(qmax, -qmin) over both signs, for the extra level of the longer side over that sign).
-// One pass over x keeps S(., x) for each sign as a vector (acc_pos / acc_neg += H[ord[x], :]; H is
-// symmetric), and before each addition reads it for exactly the events whose prefix ends there:
-// since sigma = K_k[s] decreases in s, p_gt(l, s, k) grows with s, so for every (l, k) a pointer over
-// s advances while K_l[x] > K_k[s] fails. Comparisons are on the exact fp64 keys (ties included).
-// Us[k][s] collects the u value of event (ord[s], k); the caller maps it back to event ids.
+// Level l's events, in sweep order, visit the nonzero coordinates holding level l in order of |w|
+// descending (K_l = |w| / (l + 1/2) is monotone in |w|); the j-th is event G_l[j]. For an event t
+// with key sigma, let p_l = #{level-l keys > sigma} (q_before) and p'_l = #{>= sigma} (q_after).
+// Then (H q_before)_i = sum_l S_l(i, p_l), S_l(i, p) = the sum of sign(w_c) H[i, c] over the first p
+// coordinates c of level l's list (H symmetric: a prefix sum of H's rows). Every p_l (p'_l) is
+// nondecreasing in t, so the events reading S_l(., j) form one contiguous range of t:
+//   p_l = j  for t in [A_l[j-1], A_l[j]),   A_l[j] = 1 + last index of G_l[j]'s tie group,
+//   p'_l = j for t in [B_l[j-1], B_l[j]),   B_l[j] = first index of G_l[j]'s tie group,
+// (A_l[-1] = B_l[-1] = 0, A_l[n_l] = B_l[n_l] = T). One pass over the coordinates by |w| keeps S as
+// two accumulators (accp / accn: rows of positive / negative weights added; levels held by both
+// signs read accp - accn, the extra levels of the longer grid side only one of them) and, before
+// adding coordinate x, serves those ranges for every level whose list reaches x. Every event is
+// served once per level and side (about 2^(b-1) reads per event); exact ties need no special case.
 template <typename scalar_t>
-void prefix_u(const double* w, const scalar_t* H, int64_t d, int64_t qmin, int64_t qmax, Work& wk) {
+void prefix_u(const double* w, const scalar_t* H, int64_t d, int64_t qmin, int64_t qmax, int64_t T,
+              Work& wk) {
   const int64_t Lpos = qmax, Lneg = -qmin, Lmax = std::max(Lpos, Lneg), Lmin = std::min(Lpos, Lneg);
-  const int big = Lneg > Lpos ? -1 : (Lpos > Lneg ? 1 : 0);  // sign with the extra levels, if any
-  // ord, pos and keyl come from build_events.
-  const auto& ord = wk.ord;
-  const int64_t n = static_cast<int64_t>(ord.size());
-  const int64_t n1 = n + 1;
-  if (n == 0) return;
-  wk.U.assign(static_cast<size_t>(Lmax * n), 0.0);
-  wk.ptr.assign(static_cast<size_t>(2 * Lmax * Lmax), 0);
+  const bool big_pos = Lpos > Lneg;  // which sign holds the extra levels, if any
+  TORCH_INTERNAL_ASSERT(Lmax <= 128 && Lmax * d < INT32_MAX);
+  const double* key = wk.key.data();
+  const int32_t* co = wk.coord.data();
+  const int32_t* lv = wk.lvl.data();
+  const size_t LD = static_cast<size_t>(Lmax * d);
+  if (wk.A.size() < LD) {
+    wk.A.resize(LD);
+    wk.B.resize(LD);
+    wk.X.resize(LD);
+  }
+  wk.ord.resize(d);
+  wk.pos.resize(d);
+  if (wk.mem.size() < static_cast<size_t>(T)) wk.mem.resize(T);
+  int32_t *A = wk.A.data(), *B = wk.B.data(), *X = wk.X.data();
+  int32_t *ord = wk.ord.data(), *pos = wk.pos.data(), *mem = wk.mem.data();
+  int32_t cnt[128] = {0};
+  // Level lists, B (tie-group starts) and A (tie-group ends, set when the group closes).
+  int32_t gs = 0;
+  int64_t nm = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    if (t > 0 && key[t] != key[t - 1]) {
+      for (int64_t m = 0; m < nm; ++m) A[mem[m]] = static_cast<int32_t>(t);
+      nm = 0;
+      gs = static_cast<int32_t>(t);
+    }
+    const int32_t l = lv[t], c = co[t];
+    const int32_t j = cnt[l]++;
+    const int32_t idx = l * static_cast<int32_t>(d) + j;
+    B[idx] = gs;
+    mem[nm++] = idx;
+    if (l == 0) {  // level 0 comes first for every coordinate (|w| / 0.5 > |w| / 1.5)
+      ord[j] = c;
+      pos[c] = j;
+    } else if (l >= Lmin) {
+      X[idx] = pos[c];  // where the extra level's j-th coordinate sits in the pass
+    }
+  }
+  for (int64_t m = 0; m < nm; ++m) A[mem[m]] = static_cast<int32_t>(T);
+  const int64_t n = cnt[0];
+  double* U = wk.u.data();
+  std::fill(U, U + T, 0.0);
   wk.accp.assign(d, 0.0);
   wk.accn.assign(d, 0.0);
-  double* accp = wk.accp.data();
-  double* accn = wk.accn.data();
-  const int32_t* o = ord.data();
+  const double* accp = wk.accp.data();
+  const double* accn = wk.accn.data();
+  auto serve = [&](int64_t l, int64_t j, auto val) {
+    const int64_t base = l * d, nl = cnt[l];
+    const int64_t Ap = j > 0 ? A[base + j - 1] : 0, Bp = j > 0 ? B[base + j - 1] : 0;
+    const int64_t Ac = j < nl ? A[base + j] : T, Bc = j < nl ? B[base + j] : T;
+    if (Ap > Bc) return;  // K_l[j-1] == K_l[j]: no event has a count of exactly j
+    for (int64_t t = Bp; t < Ap; ++t) U[t] += val(co[t]);        // after only
+    for (int64_t t = Ap; t < Bc; ++t) U[t] += 2.0 * val(co[t]);  // before and after
+    for (int64_t t = Bc; t < Ac; ++t) U[t] += val(co[t]);        // before only
+  };
+  auto both = [&](int32_t i) { return accp[i] - accn[i]; };
+  auto one = [&](int32_t i) { return big_pos ? accp[i] : -accn[i]; };
+  int32_t jx[128] = {0};
   for (int64_t x = 0; x <= n; ++x) {
-    for (int64_t l = 0; l < Lmax; ++l) {
-      const double Kx = wk.keyl[l * n1 + x];
-      const bool both = l < Lmin;
-      for (int64_t k = 0; k < Lmax; ++k) {
-        const double* sig = wk.keyl.data() + k * n1;
-        double* us = wk.U.data() + k * n;
-        int32_t* pp = wk.ptr.data() + 2 * (l * Lmax + k);
-        int32_t pg = pp[0], pe = pp[1];
-        if (pg < n && Kx > sig[pg] && pe == pg) continue;  // the common case: nothing ends here
-        // Events whose ">" prefix (pg) and ">=" prefix (pe) at level l end at x. pe lags pg only
-        // over exact ties (K_l[x'] == sigma), and p_ge grows with s, so one pass handles both: an
-        // event strictly below K_l[x] with pe == pg ends both prefixes here (counted twice).
-        auto val = [&](int32_t s_) {
-          const int32_t i = o[s_];
-          return both ? accp[i] - accn[i] : (big > 0 ? accp[i] : -accn[i]);
-        };
-        for (; pe < pg && !(Kx >= sig[pe]); ++pe) us[pe] += val(pe);
-        for (; pg < n && !(Kx > sig[pg]); ++pg) {
-          if (pe == pg && Kx < sig[pg]) {
-            us[pg] += 2.0 * val(pg);
-            ++pe;
-          } else {
-            us[pg] += val(pg);
-          }
-        }
-        pp[0] = pg;
-        pp[1] = pe;
+    for (int64_t l = 0; l < Lmin; ++l) serve(l, x, both);
+    for (int64_t l = Lmin; l < Lmax; ++l) {
+      if (x == n) {
+        serve(l, cnt[l], one);
+      } else if (jx[l] < cnt[l] && X[l * d + jx[l]] == x) {
+        serve(l, jx[l], one);
+        ++jx[l];
       }
     }
     if (x < n) {
-      const int32_t j = o[x];
-      add_row(w[j] > 0 ? accp : accn, H + static_cast<int64_t>(j) * d, 1.0, d);  // H[j,:] = H[:,j]
+      const int32_t c = ord[x];
+      add_row(w[c] > 0 ? wk.accp.data() : wk.accn.data(), H + static_cast<int64_t>(c) * d, 1.0, d);
     }
   }
 }
@@ -369,14 +311,15 @@ void prefix_u(const double* w, const scalar_t* H, int64_t d, int64_t qmin, int64
 struct Best {
   double e = INFINITY, s = 0.0;
   bool found = false;
+  // lb > bound + slack, with lb = -alpha^2 / beta, multiplied through by beta > 0 (no division).
+  static bool cannot_win(double alpha, double beta, double bound) {
+    const double nb = alpha > 0 ? -alpha * alpha : 0.0;  // lb * beta
+    return nb > (bound + 1e-12 * std::abs(bound)) * beta + 1e-12 * std::abs(nb);
+  }
   void offer(double alpha, double beta, double upper, double lower, double eps, bool f32) {
     // E >= -alpha^2 / beta on the whole interval: skip intervals that cannot win (with a slack far
     // above the rounding of E, so this never changes the result).
-    // lb > e + slack, with lb = -alpha^2 / beta, multiplied through by beta > 0 (no division).
-    if (found) {
-      const double nb = alpha > 0 ? -alpha * alpha : 0.0;  // lb * beta
-      if (nb > (e + 1e-12 * std::abs(e)) * beta + 1e-12 * std::abs(nb)) return;
-    }
+    if (found && cannot_win(alpha, beta, e)) return;
     double s_c;
     if (!place_scale(alpha, beta, upper, lower, eps, f32, &s_c)) return;
     const double e_c = s_c * s_c * beta - 2.0 * s_c * alpha;
@@ -388,17 +331,47 @@ struct Best {
   }
 };
 
-// Candidate pass over the sorted events, given du[t] = (beta increment of event t).
-void select(const double* lin, int64_t T, const Work& wk, const double* dbeta, double eps, bool f32,
+// Candidate pass over the sorted events, given dbeta[t] (the beta increment of event t).
+// Every interval's E is at least lb = -alpha^2 / beta (E's minimum over all s > 0). A first pass
+// keeps the running alpha and beta and finds the valid interval with the least lb; its candidate's
+// objective U0 bounds the row's optimum from above, so an interval with lb > U0 can neither win nor
+// tie. The candidate pass then visits, in sweep order, only the intervals that bound lets through
+// (with Best::offer's slack), which leaves the result exactly that of visiting them all.
+void select(const double* lin, int64_t T, Work& wk, const double* dbeta, double eps, bool f32,
             Best& best) {
-  double alpha = 0.0, beta = 0.0;
+  if (wk.al.size() < static_cast<size_t>(T)) {
+    wk.al.resize(T);
+    wk.be.resize(T);
+  }
+  double* al = wk.al.data();
+  double* be = wk.be.data();
+  const double* key = wk.key.data();
+  const double* dl = wk.dl.data();
+  const int32_t* coord = wk.coord.data();
+  auto valid = [&](int64_t t) {  // positive width (not inside a tie group) and curvature
+    const double lower = t + 1 < T ? key[t + 1] : 0.0;
+    return lower != key[t] && be[t] > 0.0;
+  };
+  double alpha = 0.0, beta = 0.0, lb_min = INFINITY;
+  int64_t t0 = -1;
   for (int64_t t = 0; t < T; ++t) {
-    alpha += wk.dl[t] * lin[wk.coord[t]];
+    alpha += dl[t] * lin[coord[t]];
     beta += dbeta[t];
-    const double upper = wk.key[t];
-    const double lower = (t + 1 < T) ? wk.key[t + 1] : 0.0;
-    if (lower == upper || !(beta > 0.0)) continue;  // zero-width (tie) or no curvature
-    best.offer(alpha, beta, upper, lower, eps, f32);
+    al[t] = alpha;
+    be[t] = beta;
+    const double lb = (alpha > 0.0 ? -alpha * alpha : 0.0) / beta;
+    if (valid(t) && lb < lb_min) {
+      lb_min = lb;
+      t0 = t;
+    }
+  }
+  if (t0 < 0) return;
+  Best probe;
+  probe.offer(al[t0], be[t0], key[t0], t0 + 1 < T ? key[t0 + 1] : 0.0, eps, f32);
+  const double U0 = probe.found ? probe.e : INFINITY;
+  for (int64_t t = 0; t < T; ++t) {
+    if (!valid(t) || Best::cannot_win(al[t], be[t], U0)) continue;
+    best.offer(al[t], be[t], key[t], t + 1 < T ? key[t + 1] : 0.0, eps, f32);
   }
 }
 
@@ -406,16 +379,15 @@ template <typename scalar_t>
 void sweep_row_dense(const double* w, const double* lin, const scalar_t* H, int64_t d, int64_t qmin,
                      int64_t qmax, double eps, bool f32, int u_method, Work& wk, Best& best) {
   const bool prefix = u_method == 1 || (u_method == 0 && use_prefix_u(d, std::max(qmax, -qmin)));
-  const int64_t T = prefix ? build_events(w, d, qmin, qmax, wk) : build_events_radix(w, d, qmin, qmax, wk);
+  const int64_t T = build_events(w, d, qmin, qmax, prefix, wk);
   if (T == 0) return;
   double* u = wk.u.data();
   if (prefix) {
     // beta increment delta (u_before + u_after): per event equal to 2 delta u_before + H_ii, and over
     // a tie group it sums to the group's change of q^T H q (the macro-event rule, ALGORITHM.md §2.7);
     // candidates are only taken at the end of a tie group.
-    prefix_u<scalar_t>(w, H, d, qmin, qmax, wk);
-    const int64_t n = static_cast<int64_t>(wk.ord.size());
-    for (int64_t t = 0; t < T; ++t) u[t] = wk.dl[t] * wk.U[wk.lvl[t] * n + wk.pos[wk.coord[t]]];
+    prefix_u<scalar_t>(w, H, d, qmin, qmax, T, wk);
+    for (int64_t t = 0; t < T; ++t) u[t] *= wk.dl[t];
   } else {
     dense_u<scalar_t>(H, d, T, wk);
     for (int64_t t = 0; t < T; ++t) {  // u -> beta increment 2 delta u + H_ii, in place
@@ -431,7 +403,7 @@ void sweep_row_dense(const double* w, const double* lin, const scalar_t* H, int6
 void sweep_row_diag(const double* w, const double* lin, const double* Hdiag, int64_t d, int64_t qmin,
                     int64_t qmax, double eps, bool f32, Work& wk, std::vector<int32_t>& level,
                     Best& best) {
-  const int64_t T = build_events_radix(w, d, qmin, qmax, wk);
+  const int64_t T = build_events(w, d, qmin, qmax, false, wk);
   if (T == 0) return;
   level.assign(d, 0);
   double* db = wk.u.data();
