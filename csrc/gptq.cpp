@@ -347,20 +347,49 @@ at::Tensor lower_tri_inverse(const at::Tensor& L) {
   return out;
 }
 
+// LAPACK's Cholesky (the copy inside libtorch_cpu that ATen itself calls).
+extern "C" void spotrf_(char* uplo, int* n, float* a, int* lda, int* info);
+extern "C" void dpotrf_(char* uplo, int* n, double* a, int* lda, int* info);
+
+// Lower Cholesky factor of J A J + lam I (J: the reversal), or undefined if it does not factor.
+// On CPU this is linalg_cholesky_ex(A.flip + lam I) step for step -- a column-major copy, LAPACK
+// potrf('L') on it, the result viewed with column-major strides -- minus ATen's final tril_ (75 ms at
+// 4096, more than the copy), so its bits are the same: the strict upper triangle keeps the input's
+// entries instead of zeros, and nothing downstream reads it (lower_tri_inverse uses lower-triangular
+// solves and the strictly lower blocks only).
+at::Tensor flipped_cholesky_lower(const at::Tensor& A, double lam) {
+  const int64_t n = A.size(0);
+  const bool lapack = A.device().is_cpu() && n <= INT32_MAX &&
+                      (A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble);
+  if (!lapack) {
+    auto Af = A.flip({0, 1});  // a new tensor: the damping goes on its diagonal
+    if (lam != 0.0) Af.diagonal().add_(lam);
+    auto r = at::linalg_cholesky_ex(Af, /*upper=*/false, /*check_errors=*/false);
+    if (std::get<1>(r).item<int64_t>() != 0) return at::Tensor();
+    return std::get<0>(r);
+  }
+  // Row-major (J A J)^T = column-major J A J.
+  auto M = A.t().flip({0, 1}).contiguous();
+  if (lam != 0.0) M.diagonal().add_(lam);
+  char uplo = 'L';
+  int nn = static_cast<int>(n), lda = std::max(1, nn), info = 0;
+  if (M.scalar_type() == at::kFloat) {
+    spotrf_(&uplo, &nn, M.data_ptr<float>(), &lda, &info);
+  } else {
+    dpotrf_(&uplo, &nn, M.data_ptr<double>(), &lda, &info);
+  }
+  if (info != 0) return at::Tensor();
+  return M.t();  // column-major lower factor, as linalg_cholesky_ex returns it
+}
+
 // U = upper Cholesky factor of A^-1 (A symmetric positive definite), or undefined if A does not
 // factor. With J the reversal permutation and J A J = L L^T:  A^-1 = (J L^-T J)(J L^-1 J), and
 // J L^-1 J is upper triangular with positive diagonal, so it IS the upper Cholesky factor of A^-1.
 // One Cholesky + one triangular solve replaces IST's chol -> cholesky_inverse -> chol (same result,
 // one factorization fewer; torch's CPU cholesky_inverse is also very slow at these sizes).
 at::Tensor upper_chol_of_inverse(const at::Tensor& A, double lam = 0.0) {
-  auto Af = A.flip({0, 1});  // a new tensor: the damping goes on its diagonal (flip keeps diagonals)
-  if (lam != 0.0) Af.diagonal().add_(lam);
-  // (Calling LAPACK potrf in place on Af would skip linalg_cholesky_ex's copy and tril pass, ~0.1 s
-  // at 4096, but made the torchrun and single-process CLI runs of the tiny test model disagree on
-  // codes; kept on the ATen path.)
-  auto r = at::linalg_cholesky_ex(Af, /*upper=*/false, /*check_errors=*/false);
-  if (std::get<1>(r).item<int64_t>() != 0) return at::Tensor();
-  const auto& L = std::get<0>(r);
+  const auto L = flipped_cholesky_lower(A, lam);
+  if (!L.defined()) return at::Tensor();
   auto Li = lower_tri_inverse(L);
   auto U = Li.flip({0, 1}).contiguous();
   if (!all_finite(U)) return at::Tensor();

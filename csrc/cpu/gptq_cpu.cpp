@@ -1,8 +1,8 @@
 // CPU kernel of the GPTQ/Qronos column loop inside one lazy-batch block (see csrc/gptq.h).
 //
-// Rows are independent given U, so they run in parallel; a row's block slice W[r, i1:i2] (at most a
-// few KB) stays in L1 while its columns are processed, which is why this loop is fused per row
-// instead of the textbook column-at-a-time rank-1 updates over all rows.
+// Rows are independent given U, so they run in parallel; a few rows' block slices W[r, i1:i2] (at
+// most a few KB each) stay in L1 while their columns are processed, which is why this loop is fused
+// per row block instead of the textbook column-at-a-time rank-1 updates over all rows.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -14,39 +14,59 @@ namespace piso {
 namespace detail {
 namespace {
 
-// Columns c0..c1 of one row (the hot loop): cloned for AVX-512 / AVX2 / baseline and chosen at load
-// time (the extension is built without -march). No FMA contraction (-ffp-contract=off), so every
-// product and difference rounds as in the references and the CUDA kernel.
-template <typename T>
-__attribute__((always_inline)) inline double row_body(T* __restrict w, const T* __restrict U,
-                                                      T* __restrict err_row,
-                                                      int8_t* __restrict code_row,
-                                                      const double* __restrict s_row,
-                                                      const int64_t* __restrict col_group, int64_t D,
-                                                      int64_t c0, int64_t c1, int64_t i1, int64_t i2,
-                                                      double qmin, double qmax) {
-  double loss = 0.0;
+// Columns c0..c1 of RB rows (the hot loop), w / err_row / code_row / s_row pointing at each row.
+// A row's column i cannot start before column i-1's update reached w[i], a chain of about 50 cycles
+// (division, rounding, division by U_ii); RB independent rows interleaved per column keep the core
+// busy meanwhile, and share the loads of U's row. Cloned for AVX-512 / AVX2 / baseline and chosen at
+// load time (the extension is built without -march). No FMA contraction (-ffp-contract=off), so
+// every product and difference rounds as in the references and the CUDA kernel: each row's values
+// are exactly those of processing it alone.
+template <typename T, int RB>
+__attribute__((always_inline)) inline void rows_body(T* const* w, const T* __restrict U,
+                                                     T* const* err_row, int8_t* const* code_row,
+                                                     const double* const* s_row,
+                                                     const int64_t* __restrict col_group,
+                                                     int64_t D, int64_t c0, int64_t c1, int64_t i1,
+                                                     int64_t i2, double qmin, double qmax,
+                                                     double* loss) {
   for (int64_t i = c0; i < c1; ++i) {
-    const double s = s_row[col_group[i]];
-    const double q = std::min(qmax, std::max(qmin, std::nearbyint(static_cast<double>(w[i]) / s)));
-    const T deq = static_cast<T>(s * q);
-    const T err = (w[i] - deq) / U[i * D + i];
-    w[i] = deq;
-    code_row[i] = static_cast<int8_t>(q);
-    err_row[i - i1] = err;
-    loss += static_cast<double>(err) * static_cast<double>(err);
-    const T* u = U + i * D;
-    for (int64_t j = i + 1; j < i2; ++j) w[j] -= err * u[j];
+    const T* __restrict u = U + i * D;
+    const T uii = u[i];
+    T err[RB];
+    for (int r = 0; r < RB; ++r) {
+      T* __restrict wr = w[r];
+      const double s = s_row[r][col_group[i]];
+      const double q = std::min(qmax, std::max(qmin, std::nearbyint(static_cast<double>(wr[i]) / s)));
+      const T deq = static_cast<T>(s * q);
+      err[r] = (wr[i] - deq) / uii;
+      wr[i] = deq;
+      code_row[r][i] = static_cast<int8_t>(q);
+      err_row[r][i - i1] = err[r];
+      loss[r] += static_cast<double>(err[r]) * static_cast<double>(err[r]);
+    }
+    for (int r = 0; r < RB; ++r) {
+      T* __restrict wr = w[r];
+      const T e = err[r];
+      for (int64_t j = i + 1; j < i2; ++j) wr[j] -= e * u[j];
+    }
   }
-  return loss;
 }
 
+constexpr int kRowBlock = 4;
+
 #define PISO_ROW_CLONE(T)                                                                          \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) double row_cols( \
-      T* w, const T* U, T* err_row, int8_t* code_row, const double* s_row,                         \
-      const int64_t* col_group, int64_t D, int64_t c0, int64_t c1, int64_t i1, int64_t i2,         \
-      double qmin, double qmax) {                                                                  \
-    return row_body<T>(w, U, err_row, code_row, s_row, col_group, D, c0, c1, i1, i2, qmin, qmax);  \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void rows_cols(  \
+      int nr, T* const* w, const T* U, T* const* err_row, int8_t* const* code_row,                 \
+      const double* const* s_row, const int64_t* col_group, int64_t D, int64_t c0, int64_t c1,     \
+      int64_t i1, int64_t i2, double qmin, double qmax, double* loss) {                            \
+    if (nr == kRowBlock) {                                                                         \
+      rows_body<T, kRowBlock>(w, U, err_row, code_row, s_row, col_group, D, c0, c1, i1, i2, qmin,  \
+                              qmax, loss);                                                         \
+    } else {                                                                                       \
+      for (int r = 0; r < nr; ++r)                                                                 \
+        rows_body<T, 1>(w + r, U, err_row + r, code_row + r, s_row + r, col_group, D, c0, c1, i1,  \
+                        i2, qmin, qmax, loss + r);                                                 \
+    }                                                                                              \
   }
 PISO_ROW_CLONE(float)
 PISO_ROW_CLONE(double)
@@ -68,9 +88,21 @@ void columns_kernel(const ColumnSweepArgs& a) {
   const int64_t work = std::max<int64_t>(1, (c1 - c0) * (i2 - c0));
   const int64_t grain = std::max<int64_t>(1, 32768 / work);
   at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      row_loss[r] += row_cols(W + r * D, U, Err + r * E, codes + r * D, scales + r * G, col_group,
-                              D, c0, c1, i1, i2, qmin, qmax);
+    for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
+      const int nr = static_cast<int>(std::min<int64_t>(kRowBlock, r1 - rb));
+      T* w[kRowBlock];
+      T* err[kRowBlock];
+      int8_t* code[kRowBlock];
+      const double* sr[kRowBlock];
+      double loss[kRowBlock] = {};
+      for (int r = 0; r < nr; ++r) {
+        w[r] = W + (rb + r) * D;
+        err[r] = Err + (rb + r) * E;
+        code[r] = codes + (rb + r) * D;
+        sr[r] = scales + (rb + r) * G;
+      }
+      rows_cols(nr, w, U, err, code, sr, col_group, D, c0, c1, i1, i2, qmin, qmax, loss);
+      for (int r = 0; r < nr; ++r) row_loss[rb + r] += loss[r];
     }
   });
 }
