@@ -10,6 +10,7 @@
 // computed in float32); H and G are converted to it. Rounding is always decided in float64
 // (q = clamp(nearbyint(w / s))) with s the returned scale value, so that W_hat = s * code exactly.
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -63,7 +64,8 @@ struct Ctx {
   std::vector<int64_t> perm_host;
   at::Tensor Hp;       // [D, D] raw (undamped) H, permuted, work dtype
   at::Tensor Gp;       // [D, D] cross term permuted (GPTQ: same tensor as Hp)
-  at::Tensor Wo;       // [N, D] original weights (dead columns zeroed), permuted
+  at::Tensor Wo;       // [N, D] original weights (dead columns zeroed), permuted; kept only when
+                       // read after the sweep starts (setup's keep_original)
   at::Tensor Wp;       // [N, D] current weights, permuted (the sweep works in place)
   at::Tensor codes;    // [N, D] int8, permuted
   at::Tensor sw;       // [N, ng] float64 working scales (values representable in sd)
@@ -390,17 +392,29 @@ at::Tensor flipped_cholesky_lower(const at::Tensor& A, double lam) {
 at::Tensor upper_chol_of_inverse(const at::Tensor& A, double lam = 0.0) {
   const auto L = flipped_cholesky_lower(A, lam);
   if (!L.defined()) return at::Tensor();
-  auto Li = lower_tri_inverse(L);
-  auto U = Li.flip({0, 1}).contiguous();
+  auto U = lower_tri_inverse(L);  // contiguous
+  if (U.device().is_cpu()) {
+    // J Li J of a contiguous square matrix is its storage reversed: in place, no new 64 MB buffer.
+    AT_DISPATCH_FLOATING_TYPES(U.scalar_type(), "flip_inplace", [&] {
+      scalar_t* p = U.data_ptr<scalar_t>();
+      const int64_t m = U.numel();
+      at::parallel_for(0, m / 2, 1 << 16, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) std::swap(p[k], p[m - 1 - k]);
+      });
+    });
+  } else {
+    U = U.flip({0, 1}).contiguous();
+  }
   if (!all_finite(U)) return at::Tensor();
   return U;
 }
 
 // Common set-up: work copies, dead columns, initial scales, column order. Returns Hfix (raw H with
 // dead diagonals set to 1), permuted.
+// `keep_original`: keep the original weights (c.Wo) for a caller that reads them after the sweep.
 at::Tensor setup(Ctx& c, const at::Tensor& W, const at::Tensor& H, const at::Tensor* G, int64_t bits,
                  int64_t group_size, const std::optional<at::Tensor>& scales, c10::string_view upd,
-                 bool act_order, bool narrow_range) {
+                 bool act_order, bool narrow_range, bool keep_original) {
   c.update = parse_update(upd);
   std::tie(c.qmin, c.qmax) = int_grid(bits, narrow_range);
   c.N = W.size(0);
@@ -438,12 +452,18 @@ at::Tensor setup(Ctx& c, const at::Tensor& W, const at::Tensor& H, const at::Ten
   c.col_group = at::div(c.perm, c.gs, "floor").contiguous();
   auto ph = c.perm.cpu();
   c.perm_host.assign(ph.data_ptr<int64_t>(), ph.data_ptr<int64_t>() + c.D);
-  c.Hp = permute_sym(Hc, c.perm);
-  c.Gp = G ? permute_sym(G->to(c.cd), c.perm) : c.Hp;
-  c.Wo = gather_cols(W0, c.perm);
-  c.Wp = c.Wo.clone();
-  c.codes = at::zeros({c.N, c.D}, W.options().dtype(at::kChar));
+  bool identity = true;
+  for (int64_t i = 0; i < c.D && identity; ++i) identity = c.perm_host[i] == i;
+  // H and G are only read from here on: no permuted copy when the order is natural.
+  c.Hp = identity ? Hc : permute_sym(Hc, c.perm);
+  c.Gp = G ? (identity ? G->to(c.cd) : permute_sym(G->to(c.cd), c.perm)) : c.Hp;
+  // The original weights are kept only where something reads them after the sweep started.
+  const bool keep_wo = G != nullptr || keep_original || c.update == Update::GroupSequential;
+  c.Wp = gather_cols(W0, c.perm);  // always a new tensor: the sweep works in place
+  if (keep_wo) c.Wo = c.Wp.clone();
+  c.codes = at::empty({c.N, c.D}, W.options().dtype(at::kChar));  // the sweep writes every column
   c.row_loss = at::zeros({c.N}, W.options().dtype(at::kDouble));
+  if (!any_dead) return c.Hp;  // dfix == diag H already
   auto Hfix = c.Hp.clone();
   Hfix.diagonal().copy_(dfix.index_select(0, c.perm));
   return Hfix;
@@ -488,7 +508,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gptq_impl(
   Ctx c;
   c.op = "gptq";
   auto Hfix = setup(c, W, H, nullptr, bits, group_size, scales, scales_update, act_order,
-                    narrow_range);
+                    narrow_range, /*keep_original=*/stats.has_value());
   const double base = mean_diag(Hfix);
 
   // U = upper Cholesky factor of (H + lambda I)^-1.
@@ -549,7 +569,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qronos_impl(
               alpha);
   Ctx c;
   c.op = "qronos";
-  auto Hfix = setup(c, W, H, &G, bits, group_size, scales, scales_update, act_order, narrow_range);
+  auto Hfix = setup(c, W, H, &G, bits, group_size, scales, scales_update, act_order, narrow_range,
+                    /*keep_original=*/true);
   const double base = mean_diag(Hfix);
   const int64_t D = c.D;
   const double lmax = lambda_max(H.to(c.cd));
