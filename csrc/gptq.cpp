@@ -1,10 +1,11 @@
 // GPTQ and Qronos (ALGORITHM.md §5) with PiSO interleaved inside the correction loop (§4).
 //
 // The orchestration is written once with ATen ops and runs on any device: dead columns, column
-// order, damping + Cholesky (with escalation), U = upper Cholesky factor of H^-1, the lazy-batch
-// block loop with its block-level GEMM update, the scale updates of every `scales_update` mode and
-// the Qronos first-column/ridge steps. Only the per-block column loop is a backend kernel
-// (csrc/gptq.h; cpu/gptq_cpu.cpp, cuda/gptq_cuda.cu).
+// order, damping + Cholesky (with escalation), the factor (U = upper Cholesky factor of H^-1 on
+// CUDA, V = U^-1 on CPU: see "Two forms of the sweep"), the lazy-batch block loop with its
+// block-level GEMM, the scale updates of every `scales_update` mode and the Qronos
+// first-column/ridge steps. Only the per-block column loop is a backend kernel (csrc/gptq.h;
+// cpu/gptq_cpu.cpp, cuda/gptq_cuda.cu).
 //
 // Precision: the work dtype is float64 for float64 W and float32 otherwise (bf16/fp16 W are
 // computed in float32); H and G are converted to it. Rounding is always decided in float64
@@ -72,6 +73,10 @@ struct Ctx {
   at::Tensor col_group;
   at::Tensor row_loss;
   at::Tensor Err;
+  // Left-looking form (CPU without group updates, see "Two forms of the sweep"): the factor is V,
+  // Err holds the current block's Acc, Res the residuals of processed columns.
+  bool left = false;
+  at::Tensor Res;
   double lambda = 0.0;   // damping (GPTQ) / ridge (Qronos) in the factorization actually used
   bool fallback = false; // H never factored: U = I (plain RTN, no error diffusion)
 };
@@ -205,6 +210,9 @@ at::Tensor permute_sym(const at::Tensor& M, const at::Tensor& perm) { return gat
 void update_group_scale(Ctx& c, int64_t g0, bool explicit_seq) {
   const int64_t gs = c.gs;
   const int64_t k = c.perm_host[g0] / gs;  // natural group index
+  // The group's current (error-diffused) weights (group modes use the right-looking form, which
+  // keeps them in W: see "Two forms of the sweep").
+  TORCH_INTERNAL_ASSERT(!c.left);
   auto wk = c.Wp.narrow(1, g0, gs).contiguous();
   at::Tensor s;
   if (c.update == Update::GroupAbsmax) {
@@ -257,8 +265,11 @@ std::vector<int64_t> block_bounds(const Ctx& c, int64_t start, int64_t block_siz
 }
 
 void run_columns(Ctx& c, const at::Tensor& U, int64_t c0, int64_t c1, int64_t i1, int64_t i2) {
-  detail::ColumnSweepArgs a{c.Wp, U, c.Err, c.codes, c.sw, c.col_group, c.row_loss,
-                            c0, c1, i1, i2, c.qmin, c.qmax};
+  // The left-looking kernel reads the block's diagonal block of V, row-major (V is a column-major
+  // view): a copy of (i2 - i1)^2 elements.
+  const auto F = c.left ? U.narrow(0, i1, i2 - i1).narrow(1, i1, i2 - i1).contiguous() : U;
+  detail::ColumnSweepArgs a{c.Wp, F, c.Err, c.codes, c.sw, c.col_group, c.row_loss,
+                            c0, c1, i1, i2, c.qmin, c.qmax, c.left, c.Res};
 #ifdef PISO_WITH_CUDA
   if (c.Wp.is_cuda()) {
     detail::gptq_columns_cuda(a);
@@ -269,16 +280,45 @@ void run_columns(Ctx& c, const at::Tensor& U, int64_t c0, int64_t c1, int64_t i1
   detail::gptq_columns_cpu(a);
 }
 
+// Two forms of the sweep. GPTQ quantizes column i as it stands after the OBS updates of the
+// columns before it, w_i = w0_i - sum_{k<i} err_k U_ki, with err_k = (w_k - s q_k) / U_kk and U the
+// upper Cholesky factor of (H + lambda I)^-1.
+// - Right-looking (the textbook's; the CUDA path): after each block, W[:, i2:] -= Err U[block, i2:].
+//   Needs U, i.e. a triangular inverse (D^3/3 flops) on top of the Cholesky factorization.
+// - Left-looking (CPU): let V = U^-1, so H + lambda I = V V^T with V upper triangular -- the flipped
+//   Cholesky factor itself, no inverse. With the residuals r_m = w0_m - s q_m of processed columns,
+//   err = r V (err U = r), and summing sum_{k<i} err_k U_ki = sum_m r_m sum_{m<=k<i} V_mk U_ki with
+//   (V U)_mi = 0 for m < i gives
+//       w_i = w0_i + (1/V_ii) sum_{m<i} r_m V_mi,
+//   so each block starts from one GEMM, Acc = R[:, start:i1] V[start:i1, block], the kernel keeps Acc
+//   up to date inside the block (Acc_j += r_i V_ij), and err_i = (w_i - s q_i) V_ii. W keeps w0 for
+//   unprocessed columns.
+// Both forms compute the same quantities up to rounding (tests compare them: PISO_GPTQ_FORM=right
+// runs the right-looking form on CPU); the left one does about D^3/3 fewer flops. Modes that update
+// group scales during the sweep stay right-looking: they need every unprocessed column's current
+// value at each group start, which the left form has only through a solve with V's diagonal block
+// (w0_g + Acc_g V_gg^-1), and in float32 that solve made distributed and single-process runs of the
+// tiny test model flip PiSO's choice for a group (tests/test_distributed.py).
+//
 // The lazy-batch GPTQ sweep over processing positions [start, D) (ALGORITHM §5.1 step 5).
 // Group scale updates fire at each group's first column (position multiple of gs).
-void sweep(Ctx& c, const at::Tensor& U, int64_t start, int64_t block_size) {
+// F is the factor of factor_matrix: U (right-looking) or V (left-looking, c.left).
+void sweep(Ctx& c, const at::Tensor& F, int64_t start, int64_t block_size) {
+  const auto& U = F;
   const auto bounds = block_bounds(c, start, block_size);
   int64_t E = 0;
   for (size_t t = 0; t + 1 < bounds.size(); ++t) E = std::max(E, bounds[t + 1] - bounds[t]);
-  c.Err = at::empty({c.N, E}, c.Wp.options());
+  if (!c.left) c.Err = at::empty({c.N, E}, c.Wp.options());
+
   const bool groups = is_group_update(c.update);
   for (size_t t = 0; t + 1 < bounds.size(); ++t) {
     const int64_t i1 = bounds[t], i2 = bounds[t + 1];
+    if (c.left) {
+      // Corrections of every column processed before this block, in one GEMM.
+      c.Err = i1 > start ? at::mm(c.Res.narrow(1, start, i1 - start),
+                                  F.narrow(0, start, i1 - start).narrow(1, i1, i2 - i1))
+                         : at::zeros({c.N, i2 - i1}, c.Wp.options());
+    }
     int64_t c0 = i1;
     while (c0 < i2) {
       int64_t c1 = i2;
@@ -289,7 +329,7 @@ void sweep(Ctx& c, const at::Tensor& U, int64_t start, int64_t block_size) {
       run_columns(c, U, c0, c1, i1, i2);
       c0 = c1;
     }
-    if (i2 < c.D) {
+    if (i2 < c.D && !c.left) {
       auto rest = c.Wp.narrow(1, i2, c.D - i2);
       rest.addmm_(c.Err.narrow(1, 0, i2 - i1), U.narrow(0, i1, i2 - i1).narrow(1, i2, c.D - i2),
                   1, -1);
@@ -349,59 +389,37 @@ at::Tensor lower_tri_inverse(const at::Tensor& L) {
   return out;
 }
 
-// LAPACK's Cholesky (the copy inside libtorch_cpu that ATen itself calls).
-extern "C" void spotrf_(char* uplo, int* n, float* a, int* lda, int* info);
-extern "C" void dpotrf_(char* uplo, int* n, double* a, int* lda, int* info);
-
 // Lower Cholesky factor of J A J + lam I (J: the reversal), or undefined if it does not factor.
-// On CPU this is linalg_cholesky_ex(A.flip + lam I) step for step -- a column-major copy, LAPACK
-// potrf('L') on it, the result viewed with column-major strides -- minus ATen's final tril_ (75 ms at
-// 4096, more than the copy), so its bits are the same: the strict upper triangle keeps the input's
-// entries instead of zeros, and nothing downstream reads it (lower_tri_inverse uses lower-triangular
-// solves and the strictly lower blocks only).
 at::Tensor flipped_cholesky_lower(const at::Tensor& A, double lam) {
-  const int64_t n = A.size(0);
-  const bool lapack = A.device().is_cpu() && n <= INT32_MAX &&
-                      (A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble);
-  if (!lapack) {
-    auto Af = A.flip({0, 1});  // a new tensor: the damping goes on its diagonal
-    if (lam != 0.0) Af.diagonal().add_(lam);
-    auto r = at::linalg_cholesky_ex(Af, /*upper=*/false, /*check_errors=*/false);
-    if (std::get<1>(r).item<int64_t>() != 0) return at::Tensor();
-    return std::get<0>(r);
-  }
-  // Row-major (J A J)^T = column-major J A J.
-  auto M = A.t().flip({0, 1}).contiguous();
-  if (lam != 0.0) M.diagonal().add_(lam);
-  char uplo = 'L';
-  int nn = static_cast<int>(n), lda = std::max(1, nn), info = 0;
-  if (M.scalar_type() == at::kFloat) {
-    spotrf_(&uplo, &nn, M.data_ptr<float>(), &lda, &info);
-  } else {
-    dpotrf_(&uplo, &nn, M.data_ptr<double>(), &lda, &info);
-  }
-  if (info != 0) return at::Tensor();
-  return M.t();  // column-major lower factor, as linalg_cholesky_ex returns it
+  auto Af = A.flip({0, 1});  // a new tensor: the damping goes on its diagonal
+  if (lam != 0.0) Af.diagonal().add_(lam);
+  auto r = at::linalg_cholesky_ex(Af, /*upper=*/false, /*check_errors=*/false);
+  if (std::get<1>(r).item<int64_t>() != 0) return at::Tensor();
+  return std::get<0>(r);
+}
+
+// In-place J X J of a contiguous square CPU matrix: its storage reversed.
+void flip_square_inplace(at::Tensor& X) {
+  AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "flip_inplace", [&] {
+    scalar_t* p = X.data_ptr<scalar_t>();
+    const int64_t m = X.numel();
+    at::parallel_for(0, m / 2, 1 << 16, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) std::swap(p[k], p[m - 1 - k]);
+    });
+  });
 }
 
 // U = upper Cholesky factor of A^-1 (A symmetric positive definite), or undefined if A does not
 // factor. With J the reversal permutation and J A J = L L^T:  A^-1 = (J L^-T J)(J L^-1 J), and
 // J L^-1 J is upper triangular with positive diagonal, so it IS the upper Cholesky factor of A^-1.
 // One Cholesky + one triangular solve replaces IST's chol -> cholesky_inverse -> chol (same result,
-// one factorization fewer; torch's CPU cholesky_inverse is also very slow at these sizes).
+// one factorization fewer). The right-looking form's factor.
 at::Tensor upper_chol_of_inverse(const at::Tensor& A, double lam = 0.0) {
   const auto L = flipped_cholesky_lower(A, lam);
   if (!L.defined()) return at::Tensor();
   auto U = lower_tri_inverse(L);  // contiguous
   if (U.device().is_cpu()) {
-    // J Li J of a contiguous square matrix is its storage reversed: in place, no new 64 MB buffer.
-    AT_DISPATCH_FLOATING_TYPES(U.scalar_type(), "flip_inplace", [&] {
-      scalar_t* p = U.data_ptr<scalar_t>();
-      const int64_t m = U.numel();
-      at::parallel_for(0, m / 2, 1 << 16, [&](int64_t k0, int64_t k1) {
-        for (int64_t k = k0; k < k1; ++k) std::swap(p[k], p[m - 1 - k]);
-      });
-    });
+    flip_square_inplace(U);
   } else {
     U = U.flip({0, 1}).contiguous();
   }
@@ -409,8 +427,48 @@ at::Tensor upper_chol_of_inverse(const at::Tensor& A, double lam = 0.0) {
   return U;
 }
 
-// Common set-up: work copies, dead columns, initial scales, column order. Returns Hfix (raw H with
-// dead diagonals set to 1), permuted.
+// LAPACK's Cholesky (the copy inside libtorch_cpu that ATen itself calls).
+extern "C" void spotrf_(char* uplo, int* n, float* a, int* lda, int* info);
+extern "C" void dpotrf_(char* uplo, int* n, double* a, int* lda, int* info);
+
+// V, upper triangular with positive diagonal, with A + lam I = V V^T (the left-looking form's
+// factor; CPU), or undefined if it does not factor. V = U^-1 for the U above, but no inverse is
+// formed: J (A + lam I) J = L L^T and V = J L J. LAPACK potrf('L') -- the call ATen makes, whose
+// result does not depend on the thread count -- factors the row-major B = J A J + lam I in place,
+// read column-major (B^T = B); that leaves L^T in B's row-major upper triangle. Reversing the
+// storage (X -> J X J) turns it into V^T in the lower triangle; the strict upper triangle (still
+// holding entries of B) is zeroed, and V is returned as the transposed (column-major) view.
+at::Tensor ul_factor_cpu(const at::Tensor& A, double lam) {
+  TORCH_INTERNAL_ASSERT(A.device().is_cpu() && A.size(0) <= INT32_MAX);
+  auto M = A.flip({0, 1}).contiguous();
+  if (lam != 0.0) M.diagonal().add_(lam);
+  char uplo = 'L';
+  int n = static_cast<int>(M.size(0)), lda = std::max(1, n), info = 0;
+  if (M.scalar_type() == at::kFloat) {
+    spotrf_(&uplo, &n, M.data_ptr<float>(), &lda, &info);
+  } else {
+    TORCH_INTERNAL_ASSERT(M.scalar_type() == at::kDouble);
+    dpotrf_(&uplo, &n, M.data_ptr<double>(), &lda, &info);
+  }
+  if (info != 0) return at::Tensor();
+  flip_square_inplace(M);
+  AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "zero_upper", [&] {
+    scalar_t* p = M.data_ptr<scalar_t>();
+    const int64_t N = M.size(0);
+    at::parallel_for(0, N, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) std::fill(p + r * N + r + 1, p + (r + 1) * N, scalar_t(0));
+    });
+  });
+  return M.t();
+}
+
+// The factor of A + lam I that the sweep's form uses: V (left-looking) or U (right-looking).
+at::Tensor factor_matrix(const Ctx& c, const at::Tensor& A, double lam) {
+  return c.left ? ul_factor_cpu(A, lam) : upper_chol_of_inverse(A, lam);
+}
+
+// Common set-up: work copies, dead columns, initial scales, column order, the sweep's form. Returns
+// Hfix (raw H with dead diagonals set to 1; H itself when there are none), permuted.
 // `keep_original`: keep the original weights (c.Wo) for a caller that reads them after the sweep.
 at::Tensor setup(Ctx& c, const at::Tensor& W, const at::Tensor& H, const at::Tensor* G, int64_t bits,
                  int64_t group_size, const std::optional<at::Tensor>& scales, c10::string_view upd,
@@ -462,6 +520,10 @@ at::Tensor setup(Ctx& c, const at::Tensor& W, const at::Tensor& H, const at::Ten
   c.Wp = gather_cols(W0, c.perm);  // always a new tensor: the sweep works in place
   if (keep_wo) c.Wo = c.Wp.clone();
   c.codes = at::empty({c.N, c.D}, W.options().dtype(at::kChar));  // the sweep writes every column
+  const char* form = std::getenv("PISO_GPTQ_FORM");  // "right": the GPU's form on CPU too (tests)
+  c.left = c.Wp.device().is_cpu() && !is_group_update(c.update) &&
+           !(form && std::string(form) == "right");
+  if (c.left) c.Res = at::empty_like(c.Wp);
   c.row_loss = at::zeros({c.N}, W.options().dtype(at::kDouble));
   if (!any_dead) return c.Hp;  // dfix == diag H already
   auto Hfix = c.Hp.clone();
@@ -514,13 +576,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gptq_impl(
   // U = upper Cholesky factor of (H + lambda I)^-1.
   at::Tensor U;
   auto factor = [&](double lam) {
-    U = upper_chol_of_inverse(Hfix, lam);
+    U = factor_matrix(c, Hfix, lam);
     return U.defined();
   };
   const bool ok = factor_with_escalation("gptq", damp * base, base, factor, c.lambda);
   Hfix = at::Tensor();
   c.fallback = !ok;
-  if (!ok) U = at::eye(c.D, c.Wp.options());  // no error diffusion: RTN with the current scales
+  if (!ok) U = at::eye(c.D, c.Wp.options());  // no error diffusion: RTN (U = V = I)
   sweep(c, U, 0, block_size);
 
   if (stats.has_value()) {
@@ -579,15 +641,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qronos_impl(
   // used by the ridge re-solve (step 1b, S = U'^T U') and by the sweep of steps 2+ (ALGORITHM
   // §5.2; Brevitas gets S as a Schur complement of M^-1, the same matrix). M itself is positive
   // definite iff M' is and its Schur complement M00 - m^T S m = M00 - |U' m|^2 is positive.
-  at::Tensor Ur;
+  // Fr is U' (right-looking form) or V' = U'^-1 (left-looking, M' = V' V'^T): products with U'
+  // become triangular solves with V'.
+  at::Tensor Fr;
   auto factor = [&](double lam) {
     const double m00 = Hfix[0][0].item<double>() + lam;
     if (!(m00 > 0)) return false;
     if (D == 1) return true;
-    Ur = upper_chol_of_inverse(Hfix.narrow(0, 1, D - 1).narrow(1, 1, D - 1), lam);
-    if (!Ur.defined()) return false;
+    Fr = factor_matrix(c, Hfix.narrow(0, 1, D - 1).narrow(1, 1, D - 1), lam);
+    if (!Fr.defined()) return false;
     auto m = Hfix.select(1, 0).narrow(0, 1, D - 1);
-    return m00 - at::mv(Ur, m).to(at::kDouble).pow(2).sum().item<double>() > 0;
+    auto Um = c.left ? at::linalg_solve_triangular(Fr, m.unsqueeze(1), /*upper=*/true).squeeze(1)
+                     : at::mv(Fr, m);
+    return m00 - Um.to(at::kDouble).pow(2).sum().item<double>() > 0;
   };
   const bool ok = factor_with_escalation("qronos", alpha * std::max(lmax, 0.0), base, factor,
                                          c.lambda);
@@ -602,20 +668,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qronos_impl(
     // Group 0's scale is fixed here: after step 1, before step 1b re-solves the other columns
     // (the Qronos timing of ALGORITHM §4.3); its PiSO_S term is evaluated explicitly.
     if (groups) update_group_scale(c, 0, /*explicit_seq=*/true);
-    auto Ufull = at::zeros({D, D}, c.Wp.options());
-    Ufull[0][0] = 1;
-    if (D > 1) Ufull.narrow(0, 1, D - 1).narrow(1, 1, D - 1).copy_(Ur);
-    c.Err = at::empty({c.N, 1}, c.Wp.options());
-    run_columns(c, Ufull, 0, 1, 0, 1);
+    auto Ffull = at::zeros({D, D}, c.Wp.options());
+    Ffull[0][0] = 1;
+    if (D > 1) Ffull.narrow(0, 1, D - 1).narrow(1, 1, D - 1).copy_(Fr);
+    c.Err = at::zeros({c.N, 1}, c.Wp.options());  // right: Err; left: Acc (nothing before column 0)
+    run_columns(c, Ffull, 0, 1, 0, 1);
     if (D > 1) {
       // Step 1b: ridge re-solve of the remaining columns toward w given q_0.
       auto rhs = at::mm(c.Wo, c.Gp.narrow(0, 1, D - 1).t());
       rhs.add_(c.Wo.narrow(1, 1, D - 1), c.lambda);
       rhs.sub_(at::outer(c.Wp.select(1, 0), c.Hp.select(1, 0).narrow(0, 1, D - 1)));
-      c.Wp.narrow(1, 1, D - 1).copy_(at::mm(at::mm(rhs, Ur.t()), Ur));  // rhs S, S = U'^T U'
+      at::Tensor v;  // rhs S, S = M'^-1 = U'^T U' = (V' V'^T)^-1
+      if (c.left) {
+        v = at::linalg_solve_triangular(Fr.t(), rhs, /*upper=*/false, /*left=*/false);
+        v = at::linalg_solve_triangular(Fr, v, /*upper=*/true, /*left=*/false);
+      } else {
+        v = at::mm(at::mm(rhs, Fr.t()), Fr);
+      }
+      c.Wp.narrow(1, 1, D - 1).copy_(v);
       Hfix = at::Tensor();
-      // Steps 2+: GPTQ sweep on the remaining columns with U' (index shifted by one).
-      sweep(c, Ufull, 1, block_size);
+      // Steps 2+: GPTQ sweep on the remaining columns with U' / V' (index shifted by one).
+      sweep(c, Ffull, 1, block_size);
     }
   } else {
     Hfix = at::Tensor();

@@ -29,6 +29,16 @@ struct ColumnSweepArgs {
   at::Tensor row_loss;   // [N] float64 (accumulates sum of err^2)
   int64_t c0, c1, i1, i2;
   int64_t qmin, qmax;
+  // Left-looking form (CPU kernel only; see gptq.cpp, "Two forms of the sweep"): U holds the block's
+  // diagonal block V[i1:i2, i1:i2] of V = U^-1 (upper triangular, H + lambda I = V V^T; row-major
+  // [i2-i1, i2-i1], indexed below by absolute column), Err holds Acc (the block's accumulated
+  // corrections, [N, E]), and Res [N, D] receives each processed column's residual w0 - s q. Per
+  // column i:
+  //   w~ = W[r, i] + Acc[r, i - i1] / V[i, i];  q = clamp(nearbyint(w~ / s));  err = (w~ - s q) V[i, i]
+  //   Res[r, i] = W[r, i] - s q;  W[r, i] = s q;  codes, row_loss as above
+  //   Acc[r, j - i1] += Res[r, i] * V[i, j]  for i < j < i2
+  bool left = false;
+  at::Tensor Res;
 };
 
 void gptq_columns_cpu(const ColumnSweepArgs& a);

@@ -372,3 +372,53 @@ def test_gptq_and_qronos_match_reference_when_D_takes_the_blocked_triangular_inv
     c, s, wh = qronos_op(W, H, G, 4, -1, None, "none", True, 128)
     rc, rs, rwh = R.qronos(W, H, G, 4, -1, None, "none", True, 128)
     _assert_same_codes(c, rc, wh, rwh)
+
+
+# ------------------------------------------------------------------------------------------------
+# The CPU's left-looking form against the right-looking form (the GPU's), both run on CPU
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("op", ["gptq", "qronos"])
+@pytest.mark.parametrize("mode,gs", [("none", -1), ("layer", -1), ("none", 16), ("layer", 16),
+                                     ("layer_sequential", 32)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_left_looking_form_equals_right_looking_form(monkeypatch, op, mode, gs, act_order):
+    """CPU sweeps use V (H + lambda I = V V^T) and accumulated residuals, without forming U = V^-1;
+    PISO_GPTQ_FORM=right runs the U form the CUDA path uses (and every CPU mode that updates group
+    scales during the sweep). Same codes, scales, loss and stats, with blocks that split groups
+    (block 24 with group 16), dead columns and a block past the D = 96."""
+    W, H, G = _problem(N=20, seed=3)
+    H[:, 5] = 0
+    H[5, :] = 0  # a dead input
+    G[5, :] = 0
+    for block in (24, 128):
+        out = {}
+        for form in ("left", "right"):
+            monkeypatch.setenv("PISO_GPTQ_FORM", form)
+            st = _stats()
+            if op == "gptq":
+                out[form] = gptq_op(W, H, 3, gs, None, mode, act_order, block, 0.01, False, st)
+            else:
+                out[form] = qronos_op(W, H, G, 3, gs, None, mode, act_order, block, 1e-3, False, st)
+            out[form] += (st,)
+        (c, s, wh, st), (rc, rs, rwh, rst) = out["left"], out["right"]
+        assert torch.equal(c, rc)
+        torch.testing.assert_close(s, rs, rtol=1e-12, atol=0)
+        torch.testing.assert_close(wh, rwh, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(st, rst, rtol=1e-9, atol=1e-12)
+
+
+def test_left_looking_form_falls_back_and_escalates_like_the_right_form(monkeypatch, capfd):
+    """A Hessian that needs escalated damping, and one that never factors (RTN fallback)."""
+    W, H, _ = _problem(N=12, D=40, seed=4)
+    m = torch.diag(H).mean()
+    H_ind = H - (torch.linalg.eigvalsh(H).min() + 0.05 * m) * torch.eye(40, dtype=torch.float64)
+    H_neg = -1e8 * torch.eye(40, dtype=torch.float64)  # beyond every escalation
+    for Hx, says in ((H_ind, "used damping"), (H_neg, "fell back to round-to-nearest")):
+        res = {}
+        for form in ("left", "right"):
+            monkeypatch.setenv("PISO_GPTQ_FORM", form)
+            st = _stats()
+            res[form] = gptq_op(W, Hx, 4, 8, None, "layer", True, 16, 0.01, False, st) + (st,)
+            assert says in capfd.readouterr().err
+        assert torch.equal(res["left"][0], res["right"][0])
+        torch.testing.assert_close(res["left"][3], res["right"][3], rtol=1e-9, atol=1e-12)

@@ -52,6 +52,39 @@ __attribute__((always_inline)) inline void rows_body(T* const* w, const T* __res
   }
 }
 
+// The left-looking form (ColumnSweepArgs::left): V's row i instead of U's, corrections
+// accumulated in acc (the block's slice) and the quantized value read as w0 + acc / V_ii.
+template <typename T, int RB>
+__attribute__((always_inline)) inline void rows_body_left(
+    T* const* w, const T* __restrict V, T* const* acc, T* const* res, int8_t* const* code_row,
+    const double* const* s_row, const int64_t* __restrict col_group, int64_t D, int64_t c0,
+    int64_t c1, int64_t i1, int64_t i2, double qmin, double qmax, double* loss) {
+  const int64_t ldv = i2 - i1;  // V is the block's diagonal block
+  for (int64_t i = c0; i < c1; ++i) {
+    const T* __restrict v = V + (i - i1) * ldv - i1;  // v[j] = V[i, j]
+    const T vii = v[i];
+    T rr[RB];
+    for (int r = 0; r < RB; ++r) {
+      T* __restrict wr = w[r];
+      const T wt = wr[i] + acc[r][i - i1] / vii;
+      const double s = s_row[r][col_group[i]];
+      const double q = std::min(qmax, std::max(qmin, std::nearbyint(static_cast<double>(wt) / s)));
+      const T deq = static_cast<T>(s * q);
+      const T err = (wt - deq) * vii;
+      rr[r] = wr[i] - deq;
+      res[r][i] = rr[r];
+      wr[i] = deq;
+      code_row[r][i] = static_cast<int8_t>(q);
+      loss[r] += static_cast<double>(err) * static_cast<double>(err);
+    }
+    for (int r = 0; r < RB; ++r) {
+      T* __restrict ar = acc[r] - i1;
+      const T e = rr[r];
+      for (int64_t j = i + 1; j < i2; ++j) ar[j] += e * v[j];
+    }
+  }
+}
+
 constexpr int kRowBlock = 4;
 
 #define PISO_ROW_CLONE(T)                                                                          \
@@ -72,12 +105,36 @@ PISO_ROW_CLONE(float)
 PISO_ROW_CLONE(double)
 #undef PISO_ROW_CLONE
 
+#define PISO_ROW_CLONE_LEFT(T)                                                                     \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void rows_left(  \
+      int nr, T* const* w, const T* V, T* const* acc, T* const* res, int8_t* const* code_row,      \
+      const double* const* s_row, const int64_t* col_group, int64_t D, int64_t c0, int64_t c1,     \
+      int64_t i1, int64_t i2, double qmin, double qmax, double* loss) {                            \
+    if (nr == kRowBlock) {                                                                         \
+      rows_body_left<T, kRowBlock>(w, V, acc, res, code_row, s_row, col_group, D, c0, c1, i1, i2,  \
+                                   qmin, qmax, loss);                                              \
+    } else {                                                                                       \
+      for (int r = 0; r < nr; ++r)                                                                 \
+        rows_body_left<T, 1>(w + r, V, acc + r, res + r, code_row + r, s_row + r, col_group, D,    \
+                             c0, c1, i1, i2, qmin, qmax, loss + r);                                \
+    }                                                                                              \
+  }
+PISO_ROW_CLONE_LEFT(float)
+PISO_ROW_CLONE_LEFT(double)
+#undef PISO_ROW_CLONE_LEFT
+
 template <typename T>
 void columns_kernel(const ColumnSweepArgs& a) {
   const int64_t N = a.W.size(0), D = a.W.size(1), E = a.Err.size(1), G = a.scales.size(1);
   T* W = a.W.data_ptr<T>();
   const T* U = a.U.data_ptr<T>();
   T* Err = a.Err.data_ptr<T>();
+  T* Res = a.left ? a.Res.data_ptr<T>() : nullptr;
+  if (a.left) {
+    TORCH_CHECK(a.Res.is_contiguous() && a.Res.sizes() == a.W.sizes(), "gptq: bad Res");
+    TORCH_CHECK(a.U.is_contiguous() && a.U.size(0) == a.i2 - a.i1 && a.U.size(1) == a.i2 - a.i1,
+                "gptq: the left-looking kernel expects the block's diagonal block of V");
+  }
   int8_t* codes = a.codes.data_ptr<int8_t>();
   const double* scales = a.scales.data_ptr<double>();
   const int64_t* col_group = a.col_group.data_ptr<int64_t>();
@@ -92,16 +149,22 @@ void columns_kernel(const ColumnSweepArgs& a) {
       const int nr = static_cast<int>(std::min<int64_t>(kRowBlock, r1 - rb));
       T* w[kRowBlock];
       T* err[kRowBlock];
+      T* res[kRowBlock];
       int8_t* code[kRowBlock];
       const double* sr[kRowBlock];
       double loss[kRowBlock] = {};
       for (int r = 0; r < nr; ++r) {
         w[r] = W + (rb + r) * D;
         err[r] = Err + (rb + r) * E;
+        if (Res) res[r] = Res + (rb + r) * D;
         code[r] = codes + (rb + r) * D;
         sr[r] = scales + (rb + r) * G;
       }
-      rows_cols(nr, w, U, err, code, sr, col_group, D, c0, c1, i1, i2, qmin, qmax, loss);
+      if (Res) {
+        rows_left(nr, w, U, err, res, code, sr, col_group, D, c0, c1, i1, i2, qmin, qmax, loss);
+      } else {
+        rows_cols(nr, w, U, err, code, sr, col_group, D, c0, c1, i1, i2, qmin, qmax, loss);
+      }
       for (int r = 0; r < nr; ++r) row_loss[rb + r] += loss[r];
     }
   });

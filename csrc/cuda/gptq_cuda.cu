@@ -70,6 +70,7 @@ __global__ void columns_kernel(T* __restrict__ W, const T* __restrict__ U, T* __
 
 void gptq_columns_cuda(const ColumnSweepArgs& a) {
   TORCH_CHECK(a.W.is_cuda(), "gptq_columns_cuda: expected CUDA tensors");
+  TORCH_INTERNAL_ASSERT(!a.left, "gptq_columns_cuda: the left-looking form is CPU-only");
   c10::cuda::CUDAGuard guard(a.W.device());
   const int64_t N = a.W.size(0), D = a.W.size(1), E = a.Err.size(1), G = a.scales.size(1);
   if (N == 0 || a.c1 <= a.c0) return;
