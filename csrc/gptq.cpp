@@ -309,7 +309,6 @@ void sweep(Ctx& c, const at::Tensor& F, int64_t start, int64_t block_size) {
   int64_t E = 0;
   for (size_t t = 0; t + 1 < bounds.size(); ++t) E = std::max(E, bounds[t + 1] - bounds[t]);
   if (!c.left) c.Err = at::empty({c.N, E}, c.Wp.options());
-
   const bool groups = is_group_update(c.update);
   for (size_t t = 0; t + 1 < bounds.size(); ++t) {
     const int64_t i1 = bounds[t], i2 = bounds[t + 1];

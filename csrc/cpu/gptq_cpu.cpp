@@ -57,16 +57,17 @@ __attribute__((always_inline)) inline void rows_body(T* const* w, const T* __res
 template <typename T, int RB>
 __attribute__((always_inline)) inline void rows_body_left(
     T* const* w, const T* __restrict V, T* const* acc, T* const* res, int8_t* const* code_row,
-    const double* const* s_row, const int64_t* __restrict col_group, int64_t D, int64_t c0,
-    int64_t c1, int64_t i1, int64_t i2, double qmin, double qmax, double* loss) {
-  const int64_t ldv = i2 - i1;  // V is the block's diagonal block
+    const double* const* s_row, const int64_t* __restrict col_group, int64_t c0, int64_t c1,
+    int64_t i1, int64_t i2, double qmin, double qmax, double* loss) {
+  const int64_t nb = i2 - i1;  // V is the block's diagonal block; b = column index in the block
   for (int64_t i = c0; i < c1; ++i) {
-    const T* __restrict v = V + (i - i1) * ldv - i1;  // v[j] = V[i, j]
-    const T vii = v[i];
+    const int64_t b = i - i1;
+    const T* __restrict v = V + b * nb;  // v[b'] = V[i, i1 + b']
+    const T vii = v[b];
     T rr[RB];
     for (int r = 0; r < RB; ++r) {
       T* __restrict wr = w[r];
-      const T wt = wr[i] + acc[r][i - i1] / vii;
+      const T wt = wr[i] + acc[r][b] / vii;
       const double s = s_row[r][col_group[i]];
       const double q = std::min(qmax, std::max(qmin, std::nearbyint(static_cast<double>(wt) / s)));
       const T deq = static_cast<T>(s * q);
@@ -78,9 +79,9 @@ __attribute__((always_inline)) inline void rows_body_left(
       loss[r] += static_cast<double>(err) * static_cast<double>(err);
     }
     for (int r = 0; r < RB; ++r) {
-      T* __restrict ar = acc[r] - i1;
+      T* __restrict ar = acc[r];
       const T e = rr[r];
-      for (int64_t j = i + 1; j < i2; ++j) ar[j] += e * v[j];
+      for (int64_t j = b + 1; j < nb; ++j) ar[j] += e * v[j];
     }
   }
 }
@@ -108,15 +109,15 @@ PISO_ROW_CLONE(double)
 #define PISO_ROW_CLONE_LEFT(T)                                                                     \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void rows_left(  \
       int nr, T* const* w, const T* V, T* const* acc, T* const* res, int8_t* const* code_row,      \
-      const double* const* s_row, const int64_t* col_group, int64_t D, int64_t c0, int64_t c1,     \
-      int64_t i1, int64_t i2, double qmin, double qmax, double* loss) {                            \
+      const double* const* s_row, const int64_t* col_group, int64_t c0, int64_t c1, int64_t i1,   \
+      int64_t i2, double qmin, double qmax, double* loss) {                                        \
     if (nr == kRowBlock) {                                                                         \
-      rows_body_left<T, kRowBlock>(w, V, acc, res, code_row, s_row, col_group, D, c0, c1, i1, i2,  \
+      rows_body_left<T, kRowBlock>(w, V, acc, res, code_row, s_row, col_group, c0, c1, i1, i2,     \
                                    qmin, qmax, loss);                                              \
     } else {                                                                                       \
       for (int r = 0; r < nr; ++r)                                                                 \
-        rows_body_left<T, 1>(w + r, V, acc + r, res + r, code_row + r, s_row + r, col_group, D,    \
-                             c0, c1, i1, i2, qmin, qmax, loss + r);                                \
+        rows_body_left<T, 1>(w + r, V, acc + r, res + r, code_row + r, s_row + r, col_group, c0,   \
+                             c1, i1, i2, qmin, qmax, loss + r);                                    \
     }                                                                                              \
   }
 PISO_ROW_CLONE_LEFT(float)
@@ -161,7 +162,7 @@ void columns_kernel(const ColumnSweepArgs& a) {
         sr[r] = scales + (rb + r) * G;
       }
       if (Res) {
-        rows_left(nr, w, U, err, res, code, sr, col_group, D, c0, c1, i1, i2, qmin, qmax, loss);
+        rows_left(nr, w, U, err, res, code, sr, col_group, c0, c1, i1, i2, qmin, qmax, loss);
       } else {
         rows_cols(nr, w, U, err, code, sr, col_group, D, c0, c1, i1, i2, qmin, qmax, loss);
       }
