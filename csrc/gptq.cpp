@@ -264,11 +264,12 @@ std::vector<int64_t> block_bounds(const Ctx& c, int64_t start, int64_t block_siz
   return b;
 }
 
-void run_columns(Ctx& c, const at::Tensor& U, int64_t c0, int64_t c1, int64_t i1, int64_t i2) {
+// F: the sweep's factor (U, or V in the left-looking form).
+void run_columns(Ctx& c, const at::Tensor& F, int64_t c0, int64_t c1, int64_t i1, int64_t i2) {
   // The left-looking kernel reads the block's diagonal block of V, row-major (V is a column-major
   // view): a copy of (i2 - i1)^2 elements.
-  const auto F = c.left ? U.narrow(0, i1, i2 - i1).narrow(1, i1, i2 - i1).contiguous() : U;
-  detail::ColumnSweepArgs a{c.Wp, F, c.Err, c.codes, c.sw, c.col_group, c.row_loss,
+  const auto Fk = c.left ? F.narrow(0, i1, i2 - i1).narrow(1, i1, i2 - i1).contiguous() : F;
+  detail::ColumnSweepArgs a{c.Wp, Fk, c.Err, c.codes, c.sw, c.col_group, c.row_loss,
                             c0, c1, i1, i2, c.qmin, c.qmax, c.left, c.Res};
 #ifdef PISO_WITH_CUDA
   if (c.Wp.is_cuda()) {
@@ -304,7 +305,6 @@ void run_columns(Ctx& c, const at::Tensor& U, int64_t c0, int64_t c1, int64_t i1
 // Group scale updates fire at each group's first column (position multiple of gs).
 // F is the factor of factor_matrix: U (right-looking) or V (left-looking, c.left).
 void sweep(Ctx& c, const at::Tensor& F, int64_t start, int64_t block_size) {
-  const auto& U = F;
   const auto bounds = block_bounds(c, start, block_size);
   int64_t E = 0;
   for (size_t t = 0; t + 1 < bounds.size(); ++t) E = std::max(E, bounds[t + 1] - bounds[t]);
@@ -325,12 +325,12 @@ void sweep(Ctx& c, const at::Tensor& F, int64_t start, int64_t block_size) {
         if (c0 % c.gs == 0) update_group_scale(c, c0, /*explicit_seq=*/c.fallback);
         c1 = std::min(i2, (c0 / c.gs + 1) * c.gs);
       }
-      run_columns(c, U, c0, c1, i1, i2);
+      run_columns(c, F, c0, c1, i1, i2);
       c0 = c1;
     }
     if (i2 < c.D && !c.left) {
       auto rest = c.Wp.narrow(1, i2, c.D - i2);
-      rest.addmm_(c.Err.narrow(1, 0, i2 - i1), U.narrow(0, i1, i2 - i1).narrow(1, i2, c.D - i2),
+      rest.addmm_(c.Err.narrow(1, 0, i2 - i1), F.narrow(0, i1, i2 - i1).narrow(1, i2, c.D - i2),
                   1, -1);
     }
   }
@@ -572,17 +572,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gptq_impl(
                     narrow_range, /*keep_original=*/stats.has_value());
   const double base = mean_diag(Hfix);
 
-  // U = upper Cholesky factor of (H + lambda I)^-1.
-  at::Tensor U;
+  // F = the factor of H + lambda I the sweep's form uses (U or V, see factor_matrix).
+  at::Tensor F;
   auto factor = [&](double lam) {
-    U = factor_matrix(c, Hfix, lam);
-    return U.defined();
+    F = factor_matrix(c, Hfix, lam);
+    return F.defined();
   };
   const bool ok = factor_with_escalation("gptq", damp * base, base, factor, c.lambda);
   Hfix = at::Tensor();
   c.fallback = !ok;
-  if (!ok) U = at::eye(c.D, c.Wp.options());  // no error diffusion: RTN (U = V = I)
-  sweep(c, U, 0, block_size);
+  if (!ok) F = at::eye(c.D, c.Wp.options());  // no error diffusion: RTN (U = V = I)
+  sweep(c, F, 0, block_size);
 
   if (stats.has_value()) {
     // Without fallback the OBS identity gives the loss for free: w0 - w_hat = err^T U, and
