@@ -89,7 +89,10 @@ std::tuple<at::Tensor, at::Tensor> sweep(const at::Tensor& W_in, const at::Tenso
   if (algo == SweepAlgo::Auto) algo = W.is_cpu() ? SweepAlgo::Sequential : SweepAlgo::EventParallel;
   SweepResult res;
   if (algo != SweepAlgo::EventParallel) {
-    const int u_method = algo == SweepAlgo::SequentialPrefix ? 1 : (algo == SweepAlgo::SequentialEvents ? 2 : 0);
+    const int u_method = algo == SweepAlgo::SequentialPrefix   ? 1
+                         : algo == SweepAlgo::SequentialEvents ? 2
+                         : algo == SweepAlgo::SequentialTable  ? 3
+                                                               : 0;
     if (W.is_cpu()) {
       res = sweep_sequential_cpu(W, lin, H, qmin, qmax, eps, f32, u_method);
     } else {
@@ -140,8 +143,9 @@ detail::SweepAlgo parse_algo(c10::string_view s) {
   if (s == "event_parallel") return detail::SweepAlgo::EventParallel;
   if (s == "sequential_prefix") return detail::SweepAlgo::SequentialPrefix;
   if (s == "sequential_events") return detail::SweepAlgo::SequentialEvents;
-  TORCH_CHECK(false, "algorithm: expected 'auto', 'sequential', 'event_parallel', 'sequential_prefix' "
-              "or 'sequential_events', got '",
+  if (s == "sequential_table") return detail::SweepAlgo::SequentialTable;
+  TORCH_CHECK(false, "algorithm: expected 'auto', 'sequential', 'event_parallel', 'sequential_prefix', "
+              "'sequential_events' or 'sequential_table', got '",
               std::string(s), "'");
 }
 

@@ -9,9 +9,17 @@
 namespace piso {
 namespace detail {
 
-// Sequential: CPU sweep, u values by whichever of prefix_u / dense_u is cheaper (piso_cpu.cpp);
-// SequentialPrefix / SequentialEvents force one of the two (tests).
-enum class SweepAlgo { Auto, Sequential, EventParallel, SequentialPrefix, SequentialEvents };
+// Sequential: CPU sweep, u values by whichever of prefix_u / table_u / dense_u is cheapest
+// (piso_cpu.cpp);
+// SequentialPrefix / SequentialEvents / SequentialTable force one of them (tests, benchmarks).
+enum class SweepAlgo {
+  Auto,
+  Sequential,
+  EventParallel,
+  SequentialPrefix,
+  SequentialEvents,
+  SequentialTable
+};
 
 // Solves R independent single-scale problems that share one H block:
 //   row r:  minimize over s > 0   E_r(s) = s^2 q^T H q - 2 s q^T lin[r],   q = RTN(W[r] / s)

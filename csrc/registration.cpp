@@ -27,7 +27,7 @@ TORCH_LIBRARY(piso, m) {
   // row r rounds W[r] and its linear term is lin[r] (E = s^2 q^T H q - 2 s q^T lin[r]).
   // Returns (scales, objective at the returned scale). `algorithm`: auto | sequential |
   // event_parallel (the GPU formulation, also runnable on CPU so that it is tested everywhere) |
-  // sequential_prefix | sequential_events (these two force the CPU sweep's way to the u values).
+  // sequential_prefix | sequential_events | sequential_table (these force the CPU sweep's way to the u values).
   m.def(
       "_piso_sweep(Tensor W, Tensor lin, Tensor? H, int qmin, int qmax, float eps=1e-9, "
       "str algorithm=\"auto\") -> (Tensor scales, Tensor objective)");

@@ -72,7 +72,7 @@ def test_optimal_scales_no_worse_than_brute_force(bits, hkind, wkind):
 
 
 @pytest.mark.parametrize("algorithm", ["sequential", "event_parallel", "sequential_prefix",
-                                       "sequential_events"])
+                                       "sequential_events", "sequential_table"])
 @pytest.mark.parametrize("dtype", [f64, torch.float32])
 def test_sweep_objective_is_the_objective_at_the_returned_scale(algorithm, dtype):
     """The scale, in its returned dtype, reproduces the interval whose objective the sweep found
@@ -137,9 +137,10 @@ def test_event_parallel_equals_sequential(hkind):
 
 @pytest.mark.parametrize("wkind", ["gauss", "ties", "bf16"])
 def test_prefix_u_equals_per_event_updates_and_brute_force(wkind):
-    """The two ways to the u values of the CPU sweep (prefix sums over coordinates sorted by |w|, and
-    one row of H per breakpoint event) give the same objective, with exact ties, both grid kinds,
-    dead coordinates and zero weights; and both reach the brute-force optimum."""
+    """The three ways to the u values of the CPU sweep (prefix sums over coordinates sorted by |w|,
+    read as they pass or stored as tables, and one row of H per breakpoint event) give the same
+    objective, with exact ties, both grid kinds, dead coordinates and zero weights; and they reach
+    the brute-force optimum."""
     gen = torch.Generator().manual_seed(zlib.crc32(wkind.encode()))
     for trial in range(12):
         bits = [2, 3, 4, 5, 6, 8][trial % 6]  # 8 bits: 128 level lists
@@ -153,7 +154,9 @@ def test_prefix_u_equals_per_event_updates_and_brute_force(wkind):
         lin[:, [0, D - 1]] = 0  # as (G w)_i for a dead input i, where X~ (hence G's row i) is zero
         s1, o1 = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, "sequential_prefix")
         s2, o2 = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, "sequential_events")
+        s3, o3 = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, "sequential_table")
         torch.testing.assert_close(o1, o2, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(o3, o2, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(ref.objective_lin(W, lin, s1, H, qmin, qmax), o1, rtol=1e-9,
                                    atol=1e-9)
         if D <= 40:
@@ -505,11 +508,11 @@ def test_cuda_optimal_scales_and_quantize_rtn_equal_cpu():
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_prefix_and_per_event_sweeps_agree_on_random_rows(seed):
+def test_prefix_table_and_per_event_sweeps_agree_on_random_rows(seed):
     """Random widths 1..200, every bit width 2..8, both grid kinds, and four kinds of weights
     (Gaussian, a coarse grid with many exact ties, bfloat16 values, ratios of small integers whose
-    keys tie across levels), float32-valued or float64 H, lin = H w or unrelated: the prefix-sum
-    sweep and the per-event sweep reach the same objective."""
+    keys tie across levels), float32-valued or float64 H, lin = H w or unrelated: the prefix-sum,
+    table and per-event sweeps reach the same objective."""
     gen = torch.Generator().manual_seed(100 + seed)
     for trial in range(40):
         bits = 2 + trial % 7
@@ -531,4 +534,6 @@ def test_prefix_and_per_event_sweeps_agree_on_random_rows(seed):
         lin = torch.randn(5, D, dtype=f64, generator=gen) if trial % 2 else W @ H
         s1, o1 = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, "sequential_prefix")
         s2, o2 = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, "sequential_events")
+        s3, o3 = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, "sequential_table")
         torch.testing.assert_close(o1, o2, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(o3, o2, rtol=1e-10, atol=1e-10)

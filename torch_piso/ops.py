@@ -120,7 +120,8 @@ def piso_sweep(W: Tensor, lin: Tensor, H: Optional[Tensor], qmin: int, qmax: int
     minimizes ``s² qᵀHq − 2s qᵀlin[r]`` with ``q = RTN(W[r] / s)`` on ``[qmin, qmax]``.
     Returns (scales, objective at the returned scale, float64). ``algorithm``: ``auto`` (CPU:
     sequential, CUDA: event_parallel), ``sequential`` or ``event_parallel``; ``sequential_prefix`` /
-    ``sequential_events`` force one of the CPU sweep's two ways to the u values (tests)."""
+    ``sequential_events`` / ``sequential_table`` force one of the CPU sweep's three ways to the u
+    values (tests, benchmarks)."""
     return _lib._piso_sweep(W, lin, H, qmin, qmax, eps, algorithm)
 
 

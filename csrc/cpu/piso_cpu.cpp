@@ -11,7 +11,7 @@
 // intervals between equal keys have zero width and are skipped.
 //
 // Speed (dense H). The u_e cost O(d) each, 2^(b-1) d^2 additions per row with one row of H per event.
-// Two ways to them, the cheaper chosen per layer (use_prefix_u):
+// Three ways to them, the cheapest chosen per layer (choose_u_method):
 // - prefix_u: the u value of each event is a sum over levels of prefix sums of H's rows, taken over
 //   the coordinates sorted by |w|; one pass of n row additions (n d instead of 2^(b-1) n d) serves
 //   every event from contiguous ranges of the event order -- see prefix_u.
@@ -19,6 +19,8 @@
 //   coordinate: for each panel J of coordinates (H[J, :], ~512 KiB, stays in L2),
 //     h_J = H[:, J] q_J,   u_e += h_J[i_e]  for every event e,   h_J += delta H[:, j]  for e in J,
 //   walking all events in sweep order; H is read from memory once per row instead of 2^(b-1) times.
+// - table_u (4- to 6-bit grids on rows of a few hundred, e.g. group-size rows): prefix_u's sums
+//   stored as whole tables (in L2 at that width) and read per event, no range bookkeeping.
 // Float32 H is kept as float32 (half the traffic) and widened exactly to fp64 in the adds; sums,
 // alpha, beta are fp64. Events come from one radix sort of their fp64 keys (build_events).
 #include <ATen/Parallel.h>
@@ -45,6 +47,7 @@ struct Work {
   // Lmax * d each, see prefix_u), the open tie group (mem) and the accumulators.
   std::vector<int32_t> ord, pos, A, B, X, mem;
   std::vector<double> accp, accn;
+  std::vector<double> tab;  // table_u's prefix tables
   void reserve_events(size_t cap) {  // the per-event arrays build_events fills
     if (key.size() >= cap) return;
     key.resize(cap);
@@ -171,6 +174,24 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
   add_row_body<double>(h, row, dl, n);
 }
 
+template <typename scalar_t>
+__attribute__((always_inline)) inline void next_row_body(double* __restrict dst,
+                                                         const double* __restrict src,
+                                                         const scalar_t* __restrict row, double dl,
+                                                         int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = src[j] + dl * double(row[j]);
+}
+
+// dst[j] = src[j] + dl * row[j]: the next row of table_u's prefix tables.
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void next_row(
+    double* dst, const double* src, const float* row, double dl, int64_t n) {
+  next_row_body<float>(dst, src, row, dl, n);
+}
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void next_row(
+    double* dst, const double* src, const double* row, double dl, int64_t n) {
+  next_row_body<double>(dst, src, row, dl, n);
+}
+
 #ifndef PISO_PANEL_BYTES
 #define PISO_PANEL_BYTES (512 * 1024)
 #endif
@@ -210,6 +231,13 @@ void dense_u(const scalar_t* H, int64_t d, int64_t T, Work& wk) {
 // 2-bit grids from d = 512, 3 to 6 bits from d = 256, wider grids from d of about 7 Lmax.
 inline bool use_prefix_u(int64_t d, int64_t Lmax) {
   return d >= std::max<int64_t>(Lmax <= 2 ? 512 : 256, 7 * Lmax);
+}
+
+// u_method for auto: 1 = prefix_u, 2 = dense_u, 3 = table_u. table_u measured fastest (same timings,
+// 2026-12-01) for 4- to 6-bit grids on rows of 128 to 320 (6-bit from 160): group-size rows.
+inline int choose_u_method(int64_t d, int64_t Lmax) {
+  if (Lmax >= 8 && Lmax <= 32 && d >= 128 && d <= 320 && (Lmax <= 16 || d >= 160)) return 3;
+  return use_prefix_u(d, Lmax) ? 1 : 2;
 }
 
 // u values of every event of one row, (H q_before)_i + (H q_after)_i (the contract of event_u in
@@ -308,6 +336,92 @@ void prefix_u(const double* w, const scalar_t* H, int64_t d, int64_t qmin, int64
   }
 }
 
+// The same u values as prefix_u (u_before + u_after of every event, into wk.u), for narrow rows
+// whose prefix sums fit in L2 as whole tables (group-size rows: d of a few hundred). Where prefix_u
+// keeps one running sum and serves every level's reads as it passes, this stores every prefix:
+//   Sa[x] = sum of sign(w_c) H[c, :] over the first x coordinates c of the |w| order (n + 1 rows),
+//   Sb[j] = the same over the first j coordinates of the longer grid side (the extra levels'
+//           coordinates, in the same order; only when the grid is asymmetric),
+// and reads (H q_before)_i = sum_l T_l[p_l][i] for each event, with p_l = level l's events before
+// the event's tie group (T_l = Sa for levels both signs hold, Sb for the extra ones). The first p_l
+// events of level l are the coordinates with |w| / (l + 1/2) > sigma, which is a prefix of the
+// |w| order (of the longer side's order for an extra level): the rows of the tables. An event alone
+// in its tie group has u_after = u_before + delta H_ii; in a tie group both are read, the second
+// with the counts after the group (the macro-event rule, as prefix_u).
+// Cost: n d (+ n_big d) additions and stores, then Lmax reads per event from the tables.
+template <typename scalar_t>
+void table_u(const double* w, const scalar_t* H, int64_t d, int64_t qmin, int64_t qmax, int64_t T,
+             Work& wk) {
+  const int64_t Lpos = qmax, Lneg = -qmin, Lmax = std::max(Lpos, Lneg), Lmin = std::min(Lpos, Lneg);
+  const bool big_pos = Lpos > Lneg;
+  TORCH_INTERNAL_ASSERT(Lmax <= 128);
+  const double* key = wk.key.data();
+  const double* dl = wk.dl.data();
+  const int32_t* co = wk.coord.data();
+  const int32_t* lv = wk.lvl.data();
+  // The |w| order: level 0 comes first for every nonzero coordinate, in that order.
+  wk.ord.resize(d);
+  int32_t* ord = wk.ord.data();
+  int64_t n = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    if (lv[t] == 0) ord[n++] = co[t];
+  }
+  int64_t nb = 0;
+  if (Lmax > Lmin) {
+    for (int64_t x = 0; x < n; ++x) nb += (w[ord[x]] > 0) == big_pos;
+  }
+  const size_t rows = static_cast<size_t>(n + 1 + (Lmax > Lmin ? nb + 1 : 0));
+  if (wk.tab.size() < rows * d) wk.tab.resize(rows * d);
+  double* Sa = wk.tab.data();
+  double* Sb = Sa + (n + 1) * d;
+  std::fill(Sa, Sa + d, 0.0);
+  for (int64_t x = 0; x < n; ++x) {
+    const int32_t c = ord[x];
+    next_row(Sa + (x + 1) * d, Sa + x * d, H + static_cast<int64_t>(c) * d, w[c] > 0 ? 1.0 : -1.0, d);
+  }
+  if (Lmax > Lmin) {
+    std::fill(Sb, Sb + d, 0.0);
+    int64_t j = 0;
+    for (int64_t x = 0; x < n; ++x) {
+      const int32_t c = ord[x];
+      if ((w[c] > 0) != big_pos) continue;
+      next_row(Sb + (j + 1) * d, Sb + j * d, H + static_cast<int64_t>(c) * d, big_pos ? 1.0 : -1.0,
+               d);
+      ++j;
+    }
+  }
+  // ptr[l] = T_l[p_l]: the row for level l's count so far.
+  const double* ptr[128];
+  for (int64_t l = 0; l < Lmax; ++l) ptr[l] = l < Lmin ? Sa : Sb;
+  // Four partial sums: the reads of one event are independent, a single chain would serialize them.
+  auto read = [&](int32_t i) {
+    double v0 = 0.0, v1 = 0.0, v2 = 0.0, v3 = 0.0;
+    int64_t l = 0;
+    for (; l + 4 <= Lmax; l += 4) {
+      v0 += ptr[l][i];
+      v1 += ptr[l + 1][i];
+      v2 += ptr[l + 2][i];
+      v3 += ptr[l + 3][i];
+    }
+    for (; l < Lmax; ++l) v0 += ptr[l][i];
+    return (v0 + v1) + (v2 + v3);
+  };
+  double* U = wk.u.data();
+  for (int64_t g0 = 0, g1; g0 < T; g0 = g1) {
+    g1 = g0 + 1;
+    while (g1 < T && key[g1] == key[g0]) ++g1;
+    if (g1 == g0 + 1) {
+      const int32_t i = co[g0];
+      U[g0] = 2.0 * read(i) + dl[g0] * double(H[static_cast<int64_t>(i) * d + i]);
+      ptr[lv[g0]] += d;
+      continue;
+    }
+    for (int64_t t = g0; t < g1; ++t) U[t] = read(co[t]);
+    for (int64_t t = g0; t < g1; ++t) ptr[lv[t]] += d;
+    for (int64_t t = g0; t < g1; ++t) U[t] += read(co[t]);
+  }
+}
+
 struct Best {
   double e = INFINITY, s = 0.0;
   bool found = false;
@@ -378,15 +492,16 @@ void select(const double* lin, int64_t T, Work& wk, const double* dbeta, double 
 template <typename scalar_t>
 void sweep_row_dense(const double* w, const double* lin, const scalar_t* H, int64_t d, int64_t qmin,
                      int64_t qmax, double eps, bool f32, int u_method, Work& wk, Best& best) {
-  const bool prefix = u_method == 1 || (u_method == 0 && use_prefix_u(d, std::max(qmax, -qmin)));
-  const int64_t T = build_events(w, d, qmin, qmax, prefix, wk);
+  const int m = u_method != 0 ? u_method : choose_u_method(d, std::max(qmax, -qmin));
+  const int64_t T = build_events(w, d, qmin, qmax, m != 2, wk);
   if (T == 0) return;
   double* u = wk.u.data();
-  if (prefix) {
+  if (m != 2) {
     // beta increment delta (u_before + u_after): per event equal to 2 delta u_before + H_ii, and over
     // a tie group it sums to the group's change of q^T H q (the macro-event rule, ALGORITHM.md §2.7);
     // candidates are only taken at the end of a tie group.
-    prefix_u<scalar_t>(w, H, d, qmin, qmax, T, wk);
+    if (m == 1) prefix_u<scalar_t>(w, H, d, qmin, qmax, T, wk);
+    else table_u<scalar_t>(w, H, d, qmin, qmax, T, wk);
     for (int64_t t = 0; t < T; ++t) u[t] *= wk.dl[t];
   } else {
     dense_u<scalar_t>(H, d, T, wk);
