@@ -9,12 +9,21 @@
 //   takes whole tiles, decodes and scales a tile into its own [T, D] scratch and multiplies it with
 //   one BLAS GEMM written straight into y's column slice. The per-thread scratch is the only float
 //   copy of (part of) the weight that ever exists.
-// The inner loops (dequant_kernels.inc) are compiled twice, generic and AVX2+FMA, and picked at run
-// time: the unrolled 32-code decode needs AVX2's per-lane shifts to vectorize.
+// The inner loops (dequant_kernels.inc) are compiled three times, generic, AVX2+FMA and AVX-512,
+// and the best the CPU has is picked at run time: the vector copies decode 8 or 16 codes per byte
+// shuffle + per-lane shift, and their dot products use vector accumulators of their width.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <vector>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "qlinear_common.h"
 
@@ -29,29 +38,61 @@ namespace generic {
 }  // namespace generic
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define PISO_HAVE_AVX2_CLONE 1
+#define PISO_HAVE_SIMD_CLONES 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#define PISO_DQ_AVX2 1
 namespace avx2 {
 #include "dequant_kernels.inc"
 }  // namespace avx2
+#undef PISO_DQ_AVX2
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+#pragma GCC diagnostic push
+// GCC 12's AVX-512 headers start some intrinsics from _mm512_undefined_*(), which it then reports.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define PISO_DQ_AVX512 1
+namespace avx512 {
+#include "dequant_kernels.inc"
+}  // namespace avx512
+#undef PISO_DQ_AVX512
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 #endif
 
-bool use_avx2() {
-#ifdef PISO_HAVE_AVX2_CLONE
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
+// 2 = AVX-512 (F, BW, VL, DQ), 1 = AVX2 + FMA, 0 = generic. PISO_DEQUANT_ISA=generic|avx2 caps it
+// (tests run every copy on one machine).
+int simd_level() {
+#ifdef PISO_HAVE_SIMD_CLONES
+  static const int level = [] {
+    int l = 0;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) l = 1;
+    if (l == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      l = 2;
+    if (const char* cap = std::getenv("PISO_DEQUANT_ISA")) {
+      const std::string c(cap);
+      if (c == "generic") l = 0;
+      else if (c == "avx2") l = std::min(l, 1);
+    }
+    return l;
+  }();
+  return level;
 #else
-  return false;
+  return 0;
 #endif
 }
 
 template <typename T>
 void gemv_rows(const T* x, const uint32_t* packed, const T* scales, T* y, int bits,
                const DequantMatmulDims& d, int64_t n0, int64_t n1, T* q) {
-#ifdef PISO_HAVE_AVX2_CLONE
-  if (use_avx2()) return avx2::gemv_rows(x, packed, scales, y, bits, d, n0, n1, q);
+#ifdef PISO_HAVE_SIMD_CLONES
+  switch (simd_level()) {
+    case 2: return avx512::gemv_rows(x, packed, scales, y, bits, d, n0, n1, q);
+    case 1: return avx2::gemv_rows(x, packed, scales, y, bits, d, n0, n1, q);
+    default: break;
+  }
 #endif
   generic::gemv_rows(x, packed, scales, y, bits, d, n0, n1, q);
 }
@@ -59,8 +100,12 @@ void gemv_rows(const T* x, const uint32_t* packed, const T* scales, T* y, int bi
 template <typename T>
 void dequant_rows(const uint32_t* packed, const T* scales, int bits, const DequantMatmulDims& d,
                   int64_t n0, int64_t n1, T* out) {
-#ifdef PISO_HAVE_AVX2_CLONE
-  if (use_avx2()) return avx2::dequant_rows(packed, scales, bits, d, n0, n1, out);
+#ifdef PISO_HAVE_SIMD_CLONES
+  switch (simd_level()) {
+    case 2: return avx512::dequant_rows(packed, scales, bits, d, n0, n1, out);
+    case 1: return avx2::dequant_rows(packed, scales, bits, d, n0, n1, out);
+    default: break;
+  }
 #endif
   generic::dequant_rows(packed, scales, bits, d, n0, n1, out);
 }
