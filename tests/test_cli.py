@@ -175,6 +175,29 @@ def test_paper_table_examples_print_a_row_per_recipe(assets, capsys, example):
     assert set(ppl) == {"float", "rtn-absmax", "rtn-piso"} and all(v > 1 for v in ppl.values())
 
 
+@pytest.mark.parametrize("group_size", [-1, 16])
+def test_ops_in_your_loop_example_orders_the_methods_and_reproduces_w_hat(capsys, group_size):
+    """examples/ops_in_your_loop.py on its tiny random Llama: PiSO beats absmax RTN and GPTQ ⊙ PiSO
+    beats GPTQ on the layer loss it prints, and the swapped-in QuantLinear reproduces W_hat."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("oiyl", ROOT / "examples" / "ops_in_your_loop.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--bits", "3", "--group-size", str(group_size)])
+    out = capsys.readouterr().out
+    ratio = {}
+    for line in out.splitlines():
+        for name in ("RTN absmax", "RTN PiSO", "GPTQ absmax", "GPTQ ⊙ PiSO"):
+            if line.startswith(name + " "):
+                ratio[name] = float(line.split()[-1])
+    assert set(ratio) == {"RTN absmax", "RTN PiSO", "GPTQ absmax", "GPTQ ⊙ PiSO"}, out
+    assert ratio["RTN absmax"] == 1.0
+    assert ratio["RTN PiSO"] < 1.0 and ratio["GPTQ ⊙ PiSO"] <= ratio["GPTQ absmax"] * 1.001, out
+    err = float(out.rsplit("max |diff| = ", 1)[1].split()[0])
+    assert err < 1e-5, out
+
+
 def test_groupwise_table_rejects_per_channel():
     import importlib.util
 
