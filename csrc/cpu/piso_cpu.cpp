@@ -233,8 +233,9 @@ inline bool use_prefix_u(int64_t d, int64_t Lmax) {
   return d >= std::max<int64_t>(Lmax <= 2 ? 512 : 256, 7 * Lmax);
 }
 
-// u_method for auto: 1 = prefix_u, 2 = dense_u, 3 = table_u. table_u measured fastest (same timings,
-// 2026-12-01) for 4- to 6-bit grids on rows of 128 to 320 (6-bit from 160): group-size rows.
+// u_method for auto: 1 = prefix_u, 2 = dense_u, 3 = table_u. table_u measured fastest
+// (benchmarks/piso_u_methods.py, 2026-12-01, one and two threads) for 4- to 6-bit grids on rows of
+// 128 to 320 (6-bit from 160): group-size rows.
 inline int choose_u_method(int64_t d, int64_t Lmax) {
   if (Lmax >= 8 && Lmax <= 32 && d >= 128 && d <= 320 && (Lmax <= 16 || d >= 160)) return 3;
   return use_prefix_u(d, Lmax) ? 1 : 2;
@@ -375,18 +376,14 @@ void table_u(const double* w, const scalar_t* H, int64_t d, int64_t qmin, int64_
   double* Sa = wk.tab.data();
   double* Sb = Sa + (n + 1) * d;
   std::fill(Sa, Sa + d, 0.0);
-  for (int64_t x = 0; x < n; ++x) {
+  if (Lmax > Lmin) std::fill(Sb, Sb + d, 0.0);
+  for (int64_t x = 0, j = 0; x < n; ++x) {
     const int32_t c = ord[x];
-    next_row(Sa + (x + 1) * d, Sa + x * d, H + static_cast<int64_t>(c) * d, w[c] > 0 ? 1.0 : -1.0, d);
-  }
-  if (Lmax > Lmin) {
-    std::fill(Sb, Sb + d, 0.0);
-    int64_t j = 0;
-    for (int64_t x = 0; x < n; ++x) {
-      const int32_t c = ord[x];
-      if ((w[c] > 0) != big_pos) continue;
-      next_row(Sb + (j + 1) * d, Sb + j * d, H + static_cast<int64_t>(c) * d, big_pos ? 1.0 : -1.0,
-               d);
+    const scalar_t* Hc = H + static_cast<int64_t>(c) * d;
+    const double sg = w[c] > 0 ? 1.0 : -1.0;
+    next_row(Sa + (x + 1) * d, Sa + x * d, Hc, sg, d);
+    if (Lmax > Lmin && (w[c] > 0) == big_pos) {
+      next_row(Sb + (j + 1) * d, Sb + j * d, Hc, sg, d);
       ++j;
     }
   }
