@@ -41,6 +41,7 @@ namespace generic {
 #define PISO_HAVE_SIMD_CLONES 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#pragma GCC optimize("fp-contract=fast")  // a * b + c as one FMA in the dot products
 #define PISO_DQ_AVX2 1
 namespace avx2 {
 #include "dequant_kernels.inc"
@@ -49,6 +50,7 @@ namespace avx2 {
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+#pragma GCC optimize("fp-contract=fast")
 #pragma GCC diagnostic push
 // GCC 12's AVX-512 headers start some intrinsics from _mm512_undefined_*(), which it then reports.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
