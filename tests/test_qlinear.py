@@ -1,6 +1,8 @@
 """pack / unpack / dequant_matmul ops, QuantLinear, and save/load of quantized models."""
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -138,13 +140,21 @@ def test_dequant_matmul_every_cpu_copy_matches_reference(isa):
     """The CPU kernels exist as generic, AVX2 and AVX-512 copies picked at run time; the best one
     the machine has runs everywhere else, so the other two are run here in subprocesses capped by
     PISO_DEQUANT_ISA (every bit width, ragged rows, odd group sizes, the GEMV and tiled paths)."""
-    import subprocess
-    import sys
     env = dict(os.environ, PISO_DEQUANT_ISA=isa)
     r = subprocess.run([sys.executable, "-c", _ISA_CHECK], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert float(r.stdout.strip()) < 1e-4, r.stdout
+
+
+def test_dequant_matmul_rejects_an_unknown_isa_cap():
+    env = dict(os.environ, PISO_DEQUANT_ISA="sse9")
+    code = ("import torch, torch_piso\n"
+            "p = torch.ops.piso.pack(torch.zeros(4, 32, dtype=torch.int8), 4)\n"
+            "torch.ops.piso.dequant_matmul(torch.ones(1, 32), p, torch.ones(4), 4, -1, 32)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode != 0 and "PISO_DEQUANT_ISA: expected 'generic', 'avx2' or 'avx512'" in r.stderr
 
 
 def test_dequant_matmul_float16_and_float64_scales():

@@ -63,8 +63,8 @@ namespace avx512 {
 #pragma GCC pop_options
 #endif
 
-// 2 = AVX-512 (F, BW, VL, DQ), 1 = AVX2 + FMA, 0 = generic. PISO_DEQUANT_ISA=generic|avx2 caps it
-// (tests run every copy on one machine).
+// 2 = AVX-512 (F, BW, VL, DQ), 1 = AVX2 + FMA, 0 = generic. PISO_DEQUANT_ISA=generic|avx2|avx512
+// caps it (tests run every copy on one machine); any other value is an error, not ignored.
 int simd_level() {
 #ifdef PISO_HAVE_SIMD_CLONES
   static const int level = [] {
@@ -75,6 +75,8 @@ int simd_level() {
       l = 2;
     if (const char* cap = std::getenv("PISO_DEQUANT_ISA")) {
       const std::string c(cap);
+      TORCH_CHECK(c == "generic" || c == "avx2" || c == "avx512",
+                  "PISO_DEQUANT_ISA: expected 'generic', 'avx2' or 'avx512', got '", c, "'");
       if (c == "generic") l = 0;
       else if (c == "avx2") l = std::min(l, 1);
     }
