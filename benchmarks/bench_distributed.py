@@ -133,7 +133,8 @@ def worker(a):
 
     torch.set_num_threads(1)
     from torch_piso.config import QuantConfig
-    from torch_piso.distributed import init_distributed, quantize_model_distributed
+    from torch_piso.distributed import (finish_distributed, init_distributed,
+                                        quantize_model_distributed)
     from torch_piso.models import tiny_model
 
     ctx = init_distributed("gloo", timeout_s=300)
@@ -169,7 +170,7 @@ def worker(a):
 
         save_file({n: m.codes().contiguous() for n, m in model.named_modules()
                    if isinstance(m, QuantLinear)}, a.out + ".safetensors")
-    dist.destroy_process_group()
+    finish_distributed()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -74,8 +74,8 @@ def main():
     except DistributedQuantizationError as exc:
         print(f"RANK{rank} DistributedQuantizationError: {exc}", file=sys.stderr, flush=True)
         os._exit(3)
-    import torch.distributed as dist
-    dist.destroy_process_group()
+    from torch_piso.distributed import finish_distributed
+    finish_distributed()
 
 
 if __name__ == "__main__":

@@ -168,15 +168,13 @@ def cmd_quantize(args) -> int:
     # under torchrun (WORLD_SIZE > 1) or with --distributed: torch_piso.distributed, rank 0 reports
     distributed = args.distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
-        from .distributed import init_distributed, quantize_model_distributed
+        from .distributed import finish_distributed, init_distributed, quantize_model_distributed
 
         ctx = init_distributed(args.backend, timeout_s=args.dist_timeout)
         model, _ = quantize_model_distributed(model, calib, cfg, checkpoint_dir=args.checkpoint_dir,
                                               timeout_s=args.dist_timeout, progress=not args.quiet)
+        finish_distributed()  # all ranks together; rank 0 evaluates and saves without the group
         if ctx.rank != 0:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
             return 0
     elif args.checkpoint_dir:
         from .pipeline import quantize_model_with_report
@@ -209,10 +207,6 @@ def cmd_quantize(args) -> int:
             tok.save_pretrained(str(out))
         _write_json(out / RUN_JSON, result)
         print(f"# saved to {out}")
-    if distributed:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
     return 0
 
 

@@ -44,7 +44,8 @@ from torch import Tensor
 
 __all__ = [
     "DistributedQuantizationError", "DistContext", "BlockCheckpoint", "CheckpointMismatchError",
-    "module_cost", "assign_modules", "init_distributed", "quantize_model_distributed",
+    "module_cost", "assign_modules", "init_distributed", "finish_distributed",
+    "quantize_model_distributed",
 ]
 
 
@@ -117,6 +118,19 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) ->
             kw["device_id"] = torch.device("cuda", lr)
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kw)
     return DistContext(timeout_s=timeout_s, heartbeat=False)
+
+
+def finish_distributed() -> None:
+    """Tears the default process group down on every rank together: a barrier, then
+    ``destroy_process_group``. Call it on all ranks once no collective is left (e.g. right after
+    :func:`quantize_model_distributed`; evaluating or saving on rank 0 needs no group). A rank that
+    destroys its gloo group while a peer is still using the connection can abort at exit
+    ("terminate called without an active exception"), and PyTorch asks for a collective teardown."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 class DistContext:
