@@ -70,6 +70,13 @@ inline void check_finite(const at::Tensor& t, const char* name) {
   TORCH_CHECK(all_finite(t), name, ": contains NaN or Inf; remove non-finite values before calling");
 }
 
+// The dequantized weights scale * code, cast to W's dtype, from finite inputs: Inf here means the
+// product does not fit that dtype (float16 tops out at 65504), never a silent Inf in the result.
+inline void check_representable(const at::Tensor& W_hat, at::ScalarType dtype) {
+  TORCH_CHECK(all_finite(W_hat), "W_hat: scale * code overflows ", dtype,
+              " (the dtype of W) for some weights; quantize a float32 copy of W instead");
+}
+
 inline void check_bits(int64_t bits) {
   TORCH_CHECK(bits >= 2 && bits <= 8, "bits: expected an integer in [2, 8], got ", bits);
 }

@@ -14,6 +14,8 @@
 //   inside an interval therefore reproduces exactly that interval's codes.
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
 
 #include "checks.h"
@@ -47,6 +49,26 @@ at::Tensor objective_at(const at::Tensor& W, const at::Tensor& lin, const at::Te
   return s * s * beta - 2.0 * s * alpha;
 }
 
+// x * 2^e for an integer tensor e (broadcast against x), for any e: in steps of at most 2^+-1000,
+// each factor made by std::ldexp (exact) and each product exact while the result stays normal.
+at::Tensor mul_pow2(at::Tensor x, const at::Tensor& e_in) {
+  auto e = e_in.to(at::kCPU, at::kLong).contiguous();
+  int64_t* ep = e.data_ptr<int64_t>();
+  for (bool any = true; any;) {
+    any = false;
+    auto f = at::empty(e.sizes(), e.options().dtype(at::kDouble));
+    double* fp = f.data_ptr<double>();
+    for (int64_t i = 0; i < e.numel(); ++i) {
+      const int64_t step = std::max<int64_t>(-1000, std::min<int64_t>(1000, ep[i]));
+      fp[i] = std::ldexp(1.0, static_cast<int>(step));
+      ep[i] -= step;
+      any = any || step != 0;
+    }
+    if (any) x = x * f.to(x.device());
+  }
+  return x;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> sweep(const at::Tensor& W_in, const at::Tensor& lin_in,
@@ -69,8 +91,8 @@ std::tuple<at::Tensor, at::Tensor> sweep(const at::Tensor& W_in, const at::Tenso
             at::empty({0}, W_in.options().dtype(at::kDouble))};
   }
   // bf16/fp16 -> float32 -> float64 is exact.
-  const auto W = W_in.to(at::kDouble).contiguous();
-  const auto lin = lin_in.to(at::kDouble).contiguous();
+  auto W = W_in.to(at::kDouble).contiguous();
+  auto lin = lin_in.to(at::kDouble).contiguous();
   at::Tensor H;
   if (H_in.defined()) {
     TORCH_CHECK(H_in.dim() == 1 || H_in.dim() == 2, "H: expected [d] (diagonal) or [d, d], got ",
@@ -84,6 +106,32 @@ std::tuple<at::Tensor, at::Tensor> sweep(const at::Tensor& W_in, const at::Tenso
     // the CPU sweep (half the memory traffic; widened exactly to fp64 inside).
     if (H_in.dim() == 2) H = (H_in + H_in.t()).mul_(0.5).contiguous();
     else H = H_in.to(at::kDouble).contiguous();
+  }
+
+  // Range: float32 values fit the float64 sweep with room to spare, but a float64 row far from 1
+  // (|w| ~ 1e-200 or 1e160) underflows or overflows s^2 q^T H q. Such rows, and their linear terms,
+  // are scaled by 2^-e (e: the exponent of max|w|), and H with the linear terms when max|H| or
+  // max|lin| is far from 1: power-of-two scaling is exact, E scales by a constant per row, so the
+  // sweep finds the same scales, multiplied back below. Rows within 2^+-256 are not touched.
+  at::Tensor row_exp;  // per row e (0 = untouched), int32
+  int64_t h_exp = 0;
+  if (!f32) {
+    auto far = [](const at::Tensor& e) { return at::where(e.abs() > 256, e, at::zeros_like(e)); };
+    row_exp = far(std::get<1>(at::frexp(W.abs().amax(1))));
+    if (row_exp.ne(0).any().item<bool>()) {
+      W = mul_pow2(W, row_exp.neg().unsqueeze(1));
+      lin = mul_pow2(lin, row_exp.neg().unsqueeze(1));
+    }
+    double m = lin.abs().max().item<double>();
+    if (H.defined()) m = std::max(m, H.abs().max().item<double>());
+    int e = 0;
+    if (m > 0) std::frexp(m, &e);
+    if (std::abs(e) > 256 && (!H.defined() || H.scalar_type() == at::kDouble)) {
+      h_exp = e;
+      const auto ne = at::full({}, -e, W.options().dtype(at::kInt));
+      lin = mul_pow2(lin, ne);
+      if (H.defined()) H = mul_pow2(H, ne);
+    }
   }
 
   if (algo == SweepAlgo::Auto) algo = W.is_cpu() ? SweepAlgo::Sequential : SweepAlgo::EventParallel;
@@ -127,6 +175,12 @@ std::tuple<at::Tensor, at::Tensor> sweep(const at::Tensor& W_in, const at::Tenso
     auto fb_obj = objective_at(W, lin, H.defined() ? H.to(at::kDouble) : H, fb, qmin, qmax);
     scale = at::where(missing, fb, scale);
     obj = at::where(missing, fb_obj, obj);
+  }
+  if (row_exp.defined() && (h_exp != 0 || row_exp.ne(0).any().item<bool>())) {
+    // Back to the caller's units: s 2^e, E 2^(2e + h). (The fallback rows above used the scaled W
+    // and lin too, so they are rescaled the same way.)
+    scale = mul_pow2(scale, row_exp);
+    obj = mul_pow2(obj, 2 * row_exp + h_exp);
   }
   return {scale.to(out_dtype), obj};
 }
@@ -226,6 +280,13 @@ at::Tensor optimal_scales_impl(const at::Tensor& W_in, const OptT& H_opt, const 
   // Hs: H in its own dtype, symmetrized (what the sweeps get); H: float64 (for the GEMMs).
   at::Tensor Hs = H_opt.has_value() ? *H_opt : at::Tensor();
   if (Hs.defined() && Hs.dim() == 2) Hs = (Hs + Hs.t()).mul_(0.5);
+  // PiSO_S with a cross term: a diagonal (or identity) H decouples the groups' quadratic terms but
+  // not the linear ones, (G w)_k reads every group's weights. The sequential form then runs on the
+  // dense diagonal matrix (the same objective; the dense sweep is exact for it).
+  if (sequential && group_size != -1 && G_opt.has_value() && (!Hs.defined() || Hs.dim() == 1)) {
+    Hs = Hs.defined() ? at::diag(Hs.to(at::kDouble))
+                      : at::eye(D, W_in.options().dtype(at::kDouble));
+  }
   const at::Tensor H = Hs.defined() ? Hs.to(at::kDouble) : Hs;
   const at::Tensor G = G_opt.has_value() ? G_opt->to(at::kDouble) : at::Tensor();
   const int64_t ng = D / gs;
@@ -241,7 +302,7 @@ at::Tensor optimal_scales_impl(const at::Tensor& W_in, const OptT& H_opt, const 
   auto out = at::empty({N, ng}, W.options().dtype(f64 ? at::kDouble : at::kFloat));
   if (!sequential || !dense) {
     // PiSO_I (§3.1): every (row, group) is independent with the diagonal blocks H_kk, G_kk. Data-free
-    // and diagonal H always take this form (the group problems are exactly decoupled there).
+    // and diagonal H without G always take this form (the group problems are exactly decoupled).
     if (!H.defined() && !G.defined()) {
       auto Wr = W.reshape({N * ng, gs});
       return std::get<0>(detail::sweep(Wr, Wr.to(at::kDouble), H, qmin, qmax, eps)).reshape({N, ng});
@@ -307,7 +368,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_rtn_impl(const at::Tensor& W, const 
   // float64 division so that a scale strictly inside a PiSO interval reproduces its codes exactly.
   auto sfull = s64.reshape({N, ng, 1}).expand({N, ng, gs}).reshape({N, D});
   auto q = at::clamp(at::round(W.to(at::kDouble) / sfull), grid.first, grid.second);
-  return {q.to(at::kChar), (q * sfull).to(W.scalar_type())};
+  auto W_hat = (q * sfull).to(W.scalar_type());
+  check_representable(W_hat, W.scalar_type());
+  return {q.to(at::kChar), W_hat};
 }
 
 std::tuple<at::Tensor, at::Tensor> piso_sweep_impl(const at::Tensor& W, const at::Tensor& lin,

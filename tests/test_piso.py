@@ -537,3 +537,55 @@ def test_prefix_table_and_per_event_sweeps_agree_on_random_rows(seed):
         s3, o3 = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, "sequential_table")
         torch.testing.assert_close(o1, o2, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(o3, o2, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("h_kind", ["diagonal", "identity"])
+def test_piso_s_with_cross_term_runs_sequentially_for_diagonal_and_identity_H(h_kind):
+    """With G given, a diagonal (or identity) H no longer decouples the groups ((G w)_k reads every
+    group), so sequential=True must be PiSO_S on the full objective: the same scales as the dense
+    diagonal matrix, and (on these cases) not the PiSO_I ones."""
+    gen = torch.Generator().manual_seed(7)
+    N, D, gs, bits = 6, 16, 4, 3
+    W = torch.randn(N, D, dtype=f64, generator=gen)
+    X = torch.randn(60, D, dtype=f64, generator=gen)
+    G = X.T @ (X @ (torch.eye(D, dtype=f64) + 0.5 * torch.randn(D, D, dtype=f64, generator=gen)))
+    Hd = (X * X).sum(0) if h_kind == "diagonal" else None
+    H_dense = torch.diag(Hd) if h_kind == "diagonal" else torch.eye(D, dtype=f64)
+    s_seq = ops.optimal_scales(W, Hd, G, bits, gs, True)
+    assert torch.equal(s_seq, ops.optimal_scales(W, H_dense, G, bits, gs, True))
+    s_ind = ops.optimal_scales(W, Hd, G, bits, gs, False)
+    assert not torch.equal(s_seq, s_ind)
+    assert ref.full_objective(W, s_seq, H_dense, G, bits, gs).sum() < \
+        ref.full_objective(W, s_ind, H_dense, G, bits, gs).sum()
+
+
+@pytest.mark.parametrize("k", [-1000, -700, -530, 0, 530, 700, 1000])
+@pytest.mark.parametrize("h_kind", ["identity", "diagonal", "dense"])
+def test_float64_rows_far_from_one_give_the_scaled_scales(k, h_kind):
+    """Scaling a float64 row by 2^k scales its optimal scale by exactly 2^k and keeps its codes, also
+    where s^2 q^T H q leaves the float64 range (|w| ~ 1e-300 or 1e300); likewise H by 2^k."""
+    gen = torch.Generator().manual_seed(11)
+    W = make_W("gauss", 5, 12, gen)
+    H = {"identity": None, "diagonal": torch.rand(12, dtype=f64, generator=gen) + 0.1,
+         "dense": spd(12, gen)}[h_kind]
+    c = 2.0 ** k
+    s = ops.optimal_scales(W, H, None, 3)
+    Ws = W * (2.0 ** (k // 2)) * (2.0 ** (k - k // 2))  # two steps: 2^k itself may overflow
+    assert (Ws != 0).all() and torch.isfinite(Ws).all()
+    s_scaled = ops.optimal_scales(Ws, H, None, 3)
+    assert torch.equal(ops.quantize_rtn(Ws, s_scaled, 3)[0], ops.quantize_rtn(W, s, 3)[0])
+    torch.testing.assert_close(s_scaled / (2.0 ** (k // 2)) / (2.0 ** (k - k // 2)), s,
+                               rtol=0, atol=0)
+    if H is not None:
+        s_h = ops.optimal_scales(W, H * c, None, 3)
+        assert torch.equal(s_h, s)
+
+
+def test_quantize_rtn_rejects_a_dequantized_value_that_overflows_float16():
+    W = torch.tensor([[-65504.0, 40000.0]], dtype=torch.float16)
+    s = ops.optimal_scales(W, None, None, 2)
+    assert s.item() * 2 > 65504  # the exact optimum puts -2 s past float16's largest value
+    with pytest.raises(RuntimeError, match="W_hat: scale \\* code overflows Half"):
+        ops.quantize_rtn(W, s, 2)
+    codes, W_hat = ops.quantize_rtn(W.float(), s, 2)  # the advised float32 copy works
+    assert torch.isfinite(W_hat).all()
