@@ -490,6 +490,12 @@ at::Tensor setup(Ctx& c, const at::Tensor& W, const at::Tensor& H, const at::Ten
   // the first forward before GPTQ zeroes dead columns.
   at::Tensor s0 = scales.has_value() ? scales->to(c.sd).reshape({c.N, c.ng})
                                      : absmax_scales(Wc, c.gs, c.qmin, c.sd);
+  // The given scales are used in the working dtype: one that is positive and finite only in a wider
+  // dtype (1e-50 or 1e50 given as float64 for float32 work) would become 0 or Inf there.
+  TORCH_CHECK(!scales.has_value() || (all_finite(s0) && (s0 > 0).all().item<bool>()),
+              "scales: expected values that stay positive and finite in ", c.sd,
+              " (the working dtype for W of dtype ", W.scalar_type(), "); a scale underflows to 0 or "
+              "overflows to Inf there");
   const bool any_dead = dead.any().item<bool>();
   auto W0 = any_dead ? Wc.masked_fill(dead.unsqueeze(0), 0) : Wc;
   auto dfix = at::where(dead, at::ones_like(dH), dH);
@@ -539,6 +545,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> finish(Ctx& c, const at::Tensor& 
   auto inv = at::argsort(c.perm);
   auto codes = gather_cols(c.codes, inv);
   auto W_hat = gather_cols(c.Wp, inv).to(W.scalar_type());
+  check_representable(W_hat, W.scalar_type());
   auto scales = c.sw.to(c.sd);
   if (c.per_channel) scales = scales.reshape({c.N});
   return {codes, scales, W_hat};
@@ -557,14 +564,23 @@ void write_stats(const std::optional<at::Tensor>& stats, double lambda, double b
   stats->copy_(v);
 }
 
+// Only the symmetric part of H enters the layer objective, but the sweeps read one triangle of H
+// (the two CPU forms different ones): a non-symmetric H is symmetrized first, as optimal_scales
+// does. A symmetric H (every Hessian the ops accumulate) is used as it is.
+at::Tensor symmetric_part(const at::Tensor& H) {
+  if (at::equal(H, H.t())) return H;
+  return (H + H.t()).mul_(0.5);
+}
+
 // --------------------------------------------------------------------------------------------
 // GPTQ
 // --------------------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gptq_impl(
-    const at::Tensor& W, const at::Tensor& H, int64_t bits, int64_t group_size,
+    const at::Tensor& W, const at::Tensor& H_in, int64_t bits, int64_t group_size,
     const std::optional<at::Tensor>& scales, c10::string_view scales_update, bool act_order,
     int64_t block_size, double damp, bool narrow_range, const std::optional<at::Tensor>& stats) {
-  check_common(W, H, nullptr, bits, group_size, scales, block_size, stats);
+  check_common(W, H_in, nullptr, bits, group_size, scales, block_size, stats);
+  const auto H = symmetric_part(H_in);
   TORCH_CHECK(std::isfinite(damp) && damp >= 0, "damp: expected a finite value >= 0, got ", damp);
   Ctx c;
   c.op = "gptq";
@@ -621,11 +637,12 @@ double lambda_max(const at::Tensor& H) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> qronos_impl(
-    const at::Tensor& W, const at::Tensor& H, const at::Tensor& G, int64_t bits,
+    const at::Tensor& W, const at::Tensor& H_in, const at::Tensor& G, int64_t bits,
     int64_t group_size, const std::optional<at::Tensor>& scales, c10::string_view scales_update,
     bool act_order, int64_t block_size, double alpha, bool narrow_range,
     const std::optional<at::Tensor>& stats) {
-  check_common(W, H, &G, bits, group_size, scales, block_size, stats);
+  check_common(W, H_in, &G, bits, group_size, scales, block_size, stats);
+  const auto H = symmetric_part(H_in);
   TORCH_CHECK(std::isfinite(alpha) && alpha >= 0, "alpha: expected a finite value >= 0, got ",
               alpha);
   Ctx c;

@@ -422,3 +422,47 @@ def test_left_looking_form_falls_back_and_escalates_like_the_right_form(monkeypa
             assert says in capfd.readouterr().err
         assert torch.equal(res["left"][0], res["right"][0])
         torch.testing.assert_close(res["left"][3], res["right"][3], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("form", ["left", "right"])
+@pytest.mark.parametrize("op", ["gptq", "qronos"])
+def test_non_symmetric_H_is_used_by_its_symmetric_part(monkeypatch, form, op):
+    """Only the symmetric part of H enters the objective; both CPU forms read one triangle, so a
+    non-symmetric H must give the result of its symmetric part (as optimal_scales does)."""
+    monkeypatch.setenv("PISO_GPTQ_FORM", form)
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 16, dtype=torch.float64, generator=gen)
+    X = torch.randn(40, 16, dtype=torch.float64, generator=gen)
+    H = X.T @ X
+    A = torch.randn(16, 16, dtype=torch.float64, generator=gen) * 3
+    Hn = H + A - A.T  # symmetric part: H
+    if op == "gptq":
+        got, want = torch.ops.piso.gptq(W, Hn, 3), torch.ops.piso.gptq(W, H, 3)
+    else:
+        got, want = torch.ops.piso.qronos(W, Hn, H, 3), torch.ops.piso.qronos(W, H, H, 3)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("op", ["gptq", "qronos"])
+def test_given_scales_that_underflow_or_overflow_the_working_dtype_are_rejected(op):
+    W, H = torch.randn(4, 8), torch.eye(8)
+    for v in (1e-50, 1e50):  # positive and finite in float64, 0 / Inf in float32
+        s = torch.full((4,), v, dtype=torch.float64)
+        with pytest.raises(RuntimeError, match="scales: expected values that stay positive and finite"):
+            if op == "gptq":
+                torch.ops.piso.gptq(W, H, 4, -1, s)
+            else:
+                torch.ops.piso.qronos(W, H, H, 4, -1, s)
+    # The same scales are fine for float64 work.
+    codes, scales, W_hat = torch.ops.piso.gptq(W.double(), H.double(), 4, -1,
+                                               torch.full((4,), 1e-50, dtype=torch.float64))
+    assert torch.equal(scales, torch.full((4,), 1e-50, dtype=torch.float64))
+
+
+def test_gptq_rejects_dequantized_weights_that_overflow_float16():
+    W = torch.tensor([[-65504.0, 40000.0]], dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="W_hat: scale \\* code overflows Half"):
+        torch.ops.piso.gptq(W, torch.eye(2), 2, -1, None, "layer")
+    codes, s, W_hat = torch.ops.piso.gptq(W.float(), torch.eye(2), 2, -1, None, "layer")
+    assert torch.isfinite(W_hat).all()
