@@ -15,6 +15,8 @@
 
 #include "checks.h"
 
+#include <ATen/MemoryOverlap.h>
+
 #include <algorithm>
 #include <climits>
 
@@ -39,7 +41,11 @@ inline at::Tensor check_accumulate_args(const at::Tensor& H, const char* hname, 
               "])");
   check_same_device(H, hname, x, xname);
   TORCH_CHECK(H.size(0) < INT_MAX, hname, ": D = ", H.size(0), " exceeds the BLAS index range");
-  return x.reshape({-1, x.size(-1)}).contiguous();
+  auto x2 = x.reshape({-1, x.size(-1)}).contiguous();
+  // x may share memory with the accumulator (hessian_accumulate_(H, H)): the update must read x as
+  // it was at the call, not rows of H already written, so such an x is copied first.
+  if (at::get_overlap_status(H, x2) != at::MemOverlapStatus::No) x2 = x2.clone();
+  return x2;
 }
 
 // Tokens processed per step: bounds the temporary holding a chunk converted to the accumulator dtype

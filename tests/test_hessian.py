@@ -630,3 +630,20 @@ def test_collector_on_tiny_llama_shares_qkv_and_matches_brute_force():
         assert _rel_err(hc.H(n), H_ref) < 1e-5, n
     q, k, v = (hc.H(f"model.layers.1.self_attn.{p}_proj") for p in "qkv")
     assert torch.equal(q, k) and torch.equal(q, v)
+
+
+@pytest.mark.parametrize("D", [8, 600])  # 600: past the block recursion's first split
+def test_accumulate_reads_an_x_that_aliases_the_accumulator_as_it_was(D):
+    """hessian_accumulate_(H, H) is H + HᵀH with the H of the call, not rows already written."""
+    gen = torch.Generator().manual_seed(D)
+    A = torch.randn(D, D, dtype=torch.float64, generator=gen)
+    H = A.clone()
+    torch.ops.piso.hessian_accumulate_(H, H)
+    torch.testing.assert_close(H, A + A.T @ A, rtol=1e-12, atol=1e-9)
+    x = torch.randn(D, D, dtype=torch.float64, generator=gen)
+    G = A.clone()
+    torch.ops.piso.cross_accumulate_(G, G, x)
+    torch.testing.assert_close(G, A + A.T @ x, rtol=1e-12, atol=1e-9)
+    G = A.clone()
+    torch.ops.piso.cross_accumulate_(G, x, G[:, :])  # a view of G as x_fp
+    torch.testing.assert_close(G, A + x.T @ A, rtol=1e-12, atol=1e-9)
