@@ -589,3 +589,25 @@ def test_quantize_rtn_rejects_a_dequantized_value_that_overflows_float16():
         ops.quantize_rtn(W, s, 2)
     codes, W_hat = ops.quantize_rtn(W.float(), s, 2)  # the advised float32 copy works
     assert torch.isfinite(W_hat).all()
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda W: ops.optimal_scales(W, None, None, 4, 3), "group_size: 3 does not divide"),
+    (lambda W: ops.optimal_scales(W, None, None, 4, 0), "group_size: expected -1"),
+    (lambda W: ops.optimal_scales(W, None, None, 1), "bits: expected an integer in \\[2, 8\\]"),
+    (lambda W: ops.optimal_scales(W, torch.ones(7, device="meta"), None, 4), "H: expected shape"),
+    (lambda W: ops.optimal_scales(W, None, torch.ones(8, 7, device="meta"), 4), "G: expected shape"),
+    (lambda W: ops.quantize_rtn(W, torch.ones(3, device="meta"), 4), "scales: expected shape"),
+    (lambda W: ops.quantize_rtn(W, torch.ones(4, 2, device="meta"), 4, 2),
+     "scales: expected shape \\[4, 4\\]"),
+    (lambda W: ops.gptq(W, torch.ones(8, 8, device="meta"), 4, 3), "group_size: 3 does not divide"),
+    (lambda W: ops.gptq(W, torch.ones(8, 8, device="meta"), 4, -1, None, "bogus"), "scales_update"),
+    (lambda W: ops.gptq(W, torch.ones(8, device="meta"), 4), "H: expected shape \\[8, 8\\]"),
+    (lambda W: ops.qronos(W, torch.ones(8, 8, device="meta"), torch.ones(8, 8, device="meta"), 4,
+                          -1, None, "none", True, 0), "block_size"),
+])
+def test_fake_kernels_check_arguments_like_the_kernels(call, match):
+    """On meta tensors (the fake kernels, as under torch.compile) a bad call raises the kernels'
+    message instead of returning a shape."""
+    with pytest.raises(RuntimeError, match=match):
+        call(torch.empty(4, 8, device="meta"))

@@ -125,6 +125,49 @@ def piso_sweep(W: Tensor, lin: Tensor, H: Optional[Tensor], qmin: int, qmax: int
     return _lib._piso_sweep(W, lin, H, qmin, qmax, eps, algorithm)
 
 
+# Argument checks of the fake kernels: the same rules (and messages) as the C++ checks, so a bad call
+# fails at trace time under torch.compile / FakeTensor instead of returning a shape.
+def _fake_W(W, name="W"):
+    torch._check(W.dim() == 2, lambda: f"{name}: expected a 2-D tensor, got shape {tuple(W.shape)}")
+    torch._check(W.dtype in _FLOATS,
+                 lambda: f"{name}: expected float16, bfloat16, float32 or float64, got {W.dtype}")
+
+
+def _fake_bits(bits):
+    torch._check(2 <= bits <= 8, lambda: f"bits: expected an integer in [2, 8], got {bits}")
+
+
+def _fake_group(group_size, D):
+    """Checks group_size against D (as check_group_size); returns the number of groups."""
+    torch._check(group_size == -1 or group_size > 0, lambda: (
+        f"group_size: expected -1 (per channel) or a positive divisor of {D}, got {group_size}"))
+    if group_size == -1:
+        return 1
+    torch._check(D % group_size == 0,
+                 lambda: f"group_size: {group_size} does not divide the {D} input features")
+    return D // group_size
+
+
+def _fake_square(H, D, name, diagonal_ok=False):
+    if H is None:
+        return
+    ok = (H.dim() == 2 and H.shape[0] == D and H.shape[1] == D) or \
+        (diagonal_ok and H.dim() == 1 and H.shape[0] == D)
+    want = f"[{D}] (diagonal) or [{D}, {D}]" if diagonal_ok else f"[{D}, {D}]"
+    torch._check(ok, lambda: f"{name}: expected shape {want}, got {tuple(H.shape)}")
+    torch._check(H.dtype in (torch.float32, torch.float64), lambda: (
+        f"{name}: expected float32 or float64 (its dtype is the accumulation precision), got "
+        f"{H.dtype}"))
+
+
+def _fake_scales(scales, N, ng, group_size):
+    if scales is None:
+        return
+    want = (N,) if group_size == -1 else (N, ng)
+    torch._check(tuple(scales.shape) == want,
+                 lambda: f"scales: expected shape {list(want)}, got {list(scales.shape)}")
+
+
 def _check_fake_devices(**tensors):
     devs = {n: t.device for n, t in tensors.items() if t is not None}
     first = next(iter(devs.items()))
@@ -136,21 +179,35 @@ def _check_fake_devices(**tensors):
 @torch.library.register_fake("piso::optimal_scales")
 def _(W, H, G, bits, group_size=-1, sequential=False, eps=1e-9, narrow_range=False):
     _check_fake_devices(W=W, H=H, G=G)
+    _fake_W(W)
     N, D = W.shape
+    _fake_square(H, D, "H", diagonal_ok=True)
+    _fake_square(G, D, "G")
+    _fake_bits(bits)
+    torch._check(0 <= eps < 0.5, lambda: f"eps: expected 0 <= eps < 0.5, got {eps}")
+    ng = _fake_group(group_size, D)
     if group_size == -1:
         return W.new_empty((N,), dtype=_scale_dtype(W))
-    return W.new_empty((N, D // group_size), dtype=_scale_dtype(W))
+    return W.new_empty((N, ng), dtype=_scale_dtype(W))
 
 
 @torch.library.register_fake("piso::quantize_rtn")
 def _(W, scales, bits, group_size=-1, narrow_range=False):
     _check_fake_devices(W=W, scales=scales)
+    _fake_W(W)
+    _fake_bits(bits)
+    N, D = W.shape
+    _fake_scales(scales, N, _fake_group(group_size, D), group_size)
     return W.new_empty(W.shape, dtype=torch.int8), torch.empty_like(W)
 
 
 @torch.library.register_fake("piso::_piso_sweep")
 def _(W, lin, H, qmin, qmax, eps=1e-9, algorithm="auto"):
     _check_fake_devices(W=W, lin=lin, H=H)
+    _fake_W(W)
+    torch._check(lin.shape == W.shape,
+                 lambda: f"lin: expected the shape of W {list(W.shape)}, got {list(lin.shape)}")
+    _fake_square(H, W.shape[1], "H", diagonal_ok=True)
     R = W.shape[0]
     return W.new_empty((R,), dtype=_scale_dtype(W)), W.new_empty((R,), dtype=torch.float64)
 
@@ -192,9 +249,18 @@ def qronos(W: Tensor, H: Tensor, G: Tensor, bits: int, group_size: int = -1,
                        alpha, narrow_range, stats)
 
 
-def _ec_fake(W, bits, group_size):
+def _ec_fake(W, H, G, bits, group_size, scales, scales_update, block_size):
+    _fake_W(W)
     N, D = W.shape
-    shape = (N,) if group_size == -1 else (N, D // group_size)
+    _fake_square(H, D, "H")
+    _fake_square(G, D, "G")
+    _fake_bits(bits)
+    ng = _fake_group(group_size, D)
+    _fake_scales(scales, N, ng, group_size)
+    torch._check(scales_update in SCALES_UPDATES, lambda: (
+        f"scales_update: expected one of {', '.join(SCALES_UPDATES)}, got '{scales_update}'"))
+    torch._check(block_size >= 1, lambda: f"block_size: expected a positive integer, got {block_size}")
+    shape = (N,) if group_size == -1 else (N, ng)
     return (W.new_empty((N, D), dtype=torch.int8), W.new_empty(shape, dtype=_scale_dtype(W)),
             torch.empty_like(W))
 
@@ -203,14 +269,14 @@ def _ec_fake(W, bits, group_size):
 def _(W, H, bits, group_size=-1, scales=None, scales_update="none", act_order=True, block_size=128,
       damp=0.01, narrow_range=False, stats=None):
     _check_fake_devices(W=W, H=H, scales=scales)
-    return _ec_fake(W, bits, group_size)
+    return _ec_fake(W, H, None, bits, group_size, scales, scales_update, block_size)
 
 
 @torch.library.register_fake("piso::qronos")
 def _(W, H, G, bits, group_size=-1, scales=None, scales_update="none", act_order=True,
       block_size=128, alpha=1e-6, narrow_range=False, stats=None):
     _check_fake_devices(W=W, H=H, G=G, scales=scales)
-    return _ec_fake(W, bits, group_size)
+    return _ec_fake(W, H, G, bits, group_size, scales, scales_update, block_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,14 +305,33 @@ def dequant_matmul(x: Tensor, packed: Tensor, scales: Tensor, bits: int, group_s
     return _lib.dequant_matmul(x, packed, scales, bits, group_size, in_features, bias)
 
 
+def _fake_packed(packed, bits, in_features):
+    _fake_bits(bits)
+    torch._check(in_features > 0,
+                 lambda: f"in_features: expected a positive integer, got {in_features}")
+    torch._check(packed.dtype == torch.int32,
+                 lambda: f"packed: expected int32 words, got {packed.dtype}")
+    torch._check(packed.dim() == 2,
+                 lambda: f"packed: expected a 2-D tensor, got shape {tuple(packed.shape)}")
+    words = packed_words(in_features, bits)
+    torch._check(packed.shape[1] == words, lambda: (
+        f"packed: expected {words} int32 words per row for in_features={in_features} and "
+        f"bits={bits}, got {packed.shape[1]}"))
+
+
 @torch.library.register_fake("piso::pack")
 def _(codes, bits):
+    torch._check(codes.dim() == 2,
+                 lambda: f"codes: expected a 2-D tensor, got shape {tuple(codes.shape)}")
+    torch._check(codes.dtype == torch.int8, lambda: f"codes: expected int8 codes, got {codes.dtype}")
+    _fake_bits(bits)
     N, D = codes.shape
     return codes.new_empty((N, (D * bits + 31) // 32), dtype=torch.int32)
 
 
 @torch.library.register_fake("piso::unpack")
 def _(packed, bits, in_features):
+    _fake_packed(packed, bits, in_features)
     return packed.new_empty((packed.shape[0], in_features), dtype=torch.int8)
 
 
@@ -257,4 +342,58 @@ def _(x, packed, scales, bits, group_size, in_features, bias=None):
         if t is not None and t.device != x.device:
             raise RuntimeError(f"x and {name} must be on the same device, got {x.device} and "
                                f"{name} on {t.device}")
+    _fake_packed(packed, bits, in_features)
+    torch._check(x.dim() >= 1, lambda: "x: expected shape [..., in_features], got a 0-D tensor")
+    torch._check(x.shape[-1] == in_features, lambda: (
+        f"x: last dimension {x.shape[-1]} does not match in_features={in_features}"))
+    N = packed.shape[0]
+    _fake_scales(scales, N, _fake_group(group_size, in_features), group_size)
+    if bias is not None:
+        torch._check(tuple(bias.shape) == (N,),
+                     lambda: f"bias: expected shape [{N}], got {list(bias.shape)}")
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+# Autograd of dequant_matmul: y = x Ŵᵀ + b with Ŵ = scale * code, so
+#   dL/dx = g Ŵ,   dL/dscale[n, group] = sum over the group's i of code[n, i] (gᵀx)[n, i],   dL/db = sum g
+# (codes are integers: no gradient). Ŵ is materialized for the backward only (in the accumulation
+# dtype: float32, float64 for float64 x); the forward stays fused.
+def _dm_setup_context(ctx, inputs, output):
+    x, packed, scales, bits, group_size, in_features, bias = inputs
+    ctx.meta = (bits, group_size, in_features, x.dtype, scales.dtype,
+                None if bias is None else bias.dtype)
+    ctx.save_for_backward(x if ctx.needs_input_grad[2] else None, packed, scales)
+
+
+def _dm_backward(ctx, g):
+    x, packed, scales = ctx.saved_tensors
+    bits, group_size, in_features, x_dtype, s_dtype, b_dtype = ctx.meta
+    acc = torch.float64 if x_dtype == torch.float64 else torch.float32
+    g2 = g.reshape(-1, g.shape[-1]).to(acc)
+    grad_x = grad_s = grad_b = None
+    codes = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
+        codes = unpack(packed, bits, in_features).to(acc)
+    if ctx.needs_input_grad[0]:
+        W_hat = codes * _expand_scales(scales.to(acc), in_features, group_size)
+        grad_x = (g2 @ W_hat).reshape(*g.shape[:-1], in_features).to(x_dtype)
+    if ctx.needs_input_grad[2]:
+        P = codes * (g2.t() @ x.reshape(-1, in_features).to(acc))  # [N, D]
+        if group_size == -1:
+            grad_s = P.sum(1)
+        else:
+            grad_s = P.reshape(P.shape[0], -1, group_size).sum(2)
+        grad_s = grad_s.to(s_dtype)
+    if ctx.needs_input_grad[6]:
+        grad_b = g2.sum(0).to(b_dtype)
+    return grad_x, None, grad_s, None, None, None, grad_b
+
+
+def _expand_scales(scales: Tensor, in_features: int, group_size: int) -> Tensor:
+    if group_size == -1:
+        return scales.reshape(-1, 1)
+    return scales.repeat_interleave(group_size, dim=1)
+
+
+torch.library.register_autograd("piso::dequant_matmul", _dm_backward,
+                                setup_context=_dm_setup_context)
