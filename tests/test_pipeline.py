@@ -8,9 +8,12 @@ import torch
 from torch import nn
 
 import torch_piso
+
+ops = torch.ops.piso
 from torch_piso import RECIPES, QuantConfig, QuantLinear, quantize_model
 from torch_piso.models import (UnsupportedModelError, block_linears, decoder_layers, find_decoder,
                                tiny_model)
+from torch_piso import pipeline
 from torch_piso.pipeline import CalibrationError, quantize_model_with_report
 
 pytest.importorskip("transformers")
@@ -154,6 +157,40 @@ def test_float_stream_model_propagates_a_float_stream_between_blocks():
     torch.testing.assert_close(d0["G"], d0["H"], rtol=1e-5, atol=1e-7)  # block 0: same input
     d1 = spy["model.layers.1.self_attn.q_proj"]
     assert (d1["H_fp"] - d1["H"]).norm() / d1["H"].norm() > 1e-2  # block 1: float input differs
+
+
+@pytest.mark.parametrize("recipe", ["rtn-absmax", "rtn-piso", "qronos*piso", "gptq†piso"])
+def test_reported_layer_losses_are_the_layer_objective_of_the_stored_weights(recipe):
+    """loss_before (absmax RTN) and loss_after (the stored QuantLinear) recomputed in the expanded
+    form from the statistics the module was quantized with: self Σ dHdᵀ, cross
+    Σ wHfpwᵀ − 2ŵGwᵀ + ŵHŵᵀ (the report computes them another way, from d = w − ŵ)."""
+    fp = model()
+    Ws = {n: m.weight.detach().double().clone() for n, m in fp.named_modules()
+          if isinstance(m, nn.Linear)}
+    spy = {}
+    cfg = QuantConfig.recipe(recipe, bits=3, **({"group_size": 16} if "†" in recipe else {}))
+    q, report = run(fp, cfg, _spy=lambda n, d: spy.__setitem__(n, {
+        k: (v.double().clone() if torch.is_tensor(v) else v) for k, v in d.items()}))
+    mods = dict(q.named_modules())
+    rows = [r for r in report["rows"] if r["module"] in spy]
+    assert len(rows) == 14
+    for r in rows:
+        d, W = spy[r["module"]], Ws[r["module"]]
+        gs = cfg.group_size
+        s_abs = pipeline._absmax_scales(W.float(), 3, gs, False).double()
+        What_abs = ops.quantize_rtn(W, s_abs, 3, gs)[1]
+        What = mods[r["module"]].dequantize(torch.float64)
+
+        def expanded(Wh):
+            if r["objective"] == "self":
+                e = W - Wh
+                return float(((e @ d["H"]) * e).sum())
+            return float(((W @ d["H_fp"]) * W).sum() - 2 * ((Wh @ d["G"]) * W).sum()
+                         + ((Wh @ d["H"]) * Wh).sum())
+
+        for key, Wh in (("loss_before", What_abs), ("loss_after", What)):
+            want = expanded(Wh)
+            assert abs(r[key] - want) <= 1e-6 * abs(want) + 1e-9, (r["module"], key, r[key], want)
 
 
 @pytest.mark.parametrize("ec,objective", [("gptq", "self"), ("qronos", "cross")])

@@ -93,17 +93,28 @@ def _absmax_scales(W: Tensor, bits: int, group_size: int, narrow_range: bool) ->
     return a.reshape(N) if group_size == -1 else a
 
 
-def _loss(W: Tensor, What: Tensor, H: Tensor, G: Optional[Tensor], Hfp: Optional[Tensor]) -> float:
-    """Layer objective per token: self (G None) Σ (w−ŵ)ᵀH(w−ŵ); cross ‖Xw − X̃ŵ‖²/T."""
-    W = W.to(torch.float64)
-    What = What.to(torch.float64)
-    H = H.to(torch.float64)
-    if G is None:
-        d = W - What
-        return float(((d @ H) * d).sum())
-    G = G.to(torch.float64)
-    Hfp = Hfp.to(torch.float64)
-    return float(((W @ Hfp) * W).sum() - 2 * ((What @ G) * W).sum() + ((What @ H) * What).sum())
+class _LayerLoss:
+    """The layer objective per token of any W_hat for one W, with d = w − ŵ per row:
+    self (G None) Σ dHdᵀ; cross ‖Xw − X̃ŵ‖²/T = C + 2 Σ d·v + Σ dHdᵀ, where C = Σ w(Hfp + H − G − Gᵀ)wᵀ
+    = ‖(X − X̃)w‖²/T and v = w(Gᵀ − H) do not depend on ŵ: computed once per module, so each W_hat
+    costs one float64 GEMM (the expanded form took two, plus one for the constant, per W_hat)."""
+
+    def __init__(self, W: Tensor, H: Tensor, G: Optional[Tensor], Hfp: Optional[Tensor]):
+        self.W = W.to(torch.float64)
+        self.H = H.to(torch.float64)
+        self.cross = G is not None
+        if self.cross:
+            G = G.to(torch.float64)
+            M = Hfp.to(torch.float64) + self.H - G - G.T
+            self.C = float(((self.W @ M) * self.W).sum())
+            self.V = self.W @ (G.T - self.H)
+
+    def __call__(self, What: Tensor) -> float:
+        d = self.W - What.to(torch.float64)
+        quad = float(((d @ self.H) * d).sum())
+        if not self.cross:
+            return quad
+        return self.C + 2.0 * float((d * self.V).sum()) + quad
 
 
 def _prepare_calibration(calibration, vocab_size: Optional[int]) -> List[Tensor]:
@@ -310,7 +321,8 @@ class _Runner:
         Hr_fp = H_fp if report_obj == "cross" else None
         abs_s = _absmax_scales(W, bits, gs, nr)
         _, What_abs = ops.quantize_rtn(W, abs_s, bits, gs, nr)
-        loss_before = _loss(W, What_abs, H, Gr, Hr_fp)
+        layer_loss = _LayerLoss(W, H, Gr, Hr_fp)
+        loss_before = layer_loss(What_abs)
         scale_time = ec_time = 0.0
         damping = None
         fell_back = False
@@ -362,7 +374,7 @@ class _Runner:
             ec_time = time.perf_counter() - t0
             st = stats.cpu().tolist()
             damping, fell_back = st[0], bool(st[2])
-        loss_after = _loss(W, What, H, Gr, Hr_fp)
+        loss_after = loss_before if torch.equal(What, What_abs) else layer_loss(What)
         row = {"block": block_idx, "module": qual, "shape": [int(W.shape[0]), int(W.shape[1])],
                "method": "RTN at PiSO scales (decoupled pass 1)" if mode == "scales" else cfg.label,
                "objective": report_obj, "loss_before": loss_before, "loss_after": loss_after,
