@@ -583,3 +583,17 @@ def test_gradients_flow_through_quant_linear_as_through_its_dense_weight():
     W_hat = q.dequantize()
     (torch.nn.functional.linear(a(x), W_hat, q.bias)).square().sum().backward()
     torch.testing.assert_close(got, a.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_top_level_wrappers_reach_the_packing_ops():
+    """README: typed wrappers as torch_piso.<op> for every op."""
+    codes = torch.randint(-4, 4, (3, 10), dtype=torch.int8)
+    packed = torch_piso.pack(codes, 3)
+    assert torch.equal(torch_piso.unpack(packed, 3, 10), codes)
+    x = torch.randn(2, 10, dtype=torch.float64)
+    s = torch.rand(3, dtype=torch.float64) + 0.5
+    torch.testing.assert_close(torch_piso.dequant_matmul(x, packed, s, 3, -1, 10),
+                               x @ (codes.double() * s[:, None]).T)
+    W = torch.randn(2, 8, dtype=torch.float64)
+    sc, obj = torch_piso.piso_sweep(W, W, None, -4, 3)
+    assert torch.equal(sc, torch_piso.optimal_scales(W, None, None, 3))

@@ -17,12 +17,16 @@ except ImportError as exc:  # pragma: no cover - only without a build
 from . import ops  # noqa: E402,F401  (fake kernels + typed wrappers)
 from .ops import (  # noqa: E402,F401
     cross_accumulate_,
+    dequant_matmul,
     gptq,
     has_cuda_kernels,
     hessian_accumulate_,
     optimal_scales,
+    pack,
+    piso_sweep,
     quantize_rtn,
     qronos,
+    unpack,
 )
 
 __version__ = "0.1.0"
