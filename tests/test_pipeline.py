@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import torch_piso
-from torch_piso import RECIPES, QuantConfig, QuantLinear, quantize_model
+from torch_piso import RECIPES, HessianCollector, QuantConfig, QuantLinear, quantize_model
 from torch_piso.models import (UnsupportedModelError, block_linears, decoder_layers, find_decoder,
                                tiny_model)
 from torch_piso.pipeline import CalibrationError, quantize_model_with_report
@@ -154,6 +154,52 @@ def test_float_stream_model_propagates_a_float_stream_between_blocks():
     torch.testing.assert_close(d0["G"], d0["H"], rtol=1e-5, atol=1e-7)  # block 0: same input
     d1 = spy["model.layers.1.self_attn.q_proj"]
     assert (d1["H_fp"] - d1["H"]).norm() / d1["H"].norm() > 1e-2  # block 1: float input differs
+
+
+def _sliding(arch):
+    """layer_types ["full_attention", "sliding_attention"]: HF gives block 1 a window-4 mask."""
+    m = tiny_model(arch, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    assert list(m.config.layer_types) == ["full_attention", "sliding_attention"]
+    return m
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_sliding_window_blocks_are_calibrated_with_their_own_attention_mask(arch):
+    fp = _sliding(arch)
+    name = "model.layers.1.self_attn.o_proj"  # its input depends on block 1's mask (seqlen 32 > 4)
+    with HessianCollector(copy.deepcopy(fp), name) as hc:
+        with torch.no_grad():
+            for ids in CAL:
+                hc.root(ids[None])
+        want = hc.H(name)
+    spy = {}
+    # block 0 and block 1's q,k,v stay float, so o_proj's input in the pipeline is the float one
+    cfg = QuantConfig.recipe("rtn-piso", objective="self",
+                             skip=("model.layers.0.*", "*.layers.1.self_attn.[qkv]_proj"))
+    run(copy.deepcopy(fp), cfg, _spy=lambda n, d: spy.__setitem__(n, d["H"].clone()))
+    torch.testing.assert_close(spy[name], want, rtol=1e-5, atol=1e-7)
+
+
+def test_capture_runs_no_block_and_stores_each_shared_kwarg_once():
+    from torch_piso.pipeline import _capture
+
+    for m, distinct in ((model("llama"), 1), (_sliding("qwen2"), 2)):
+        parts = find_decoder(m)
+        ran = []
+        hs = [blk.mlp.register_forward_hook(lambda *a: ran.append(1)) for blk in parts.layers]
+        inps, kws = _capture(m, parts, [CAL[0][None], CAL[1][None], CAL[2][None, :20]], False)
+        for h in hs:
+            h.remove()
+        assert ran == []  # the float blocks did not run during the capture
+        assert all("forward" not in blk.__dict__ for blk in parts.layers)  # recorders removed
+        assert len(inps) == 3 and [len(k) for k in kws] == [2, 2, 2]
+        assert kws[0] is kws[1] and kws[2] is not kws[0]  # one set per sequence length
+        assert len({id(d) for d in kws[0]}) == distinct  # one dict per distinct set of kwargs
+        cos0, cos1 = kws[0][0]["position_embeddings"][0], kws[0][1]["position_embeddings"][0]
+        assert cos0 is cos1  # the rotary cos/sin are stored once for all blocks
+        masks = [d["attention_mask"] for d in kws[0]]
+        if distinct == 2:
+            assert not torch.equal(masks[0], masks[1])  # full vs sliding-window mask
 
 
 @pytest.mark.parametrize("ec,objective", [("gptq", "self"), ("qronos", "cross")])

@@ -4,8 +4,9 @@
 of an HF Llama / Qwen causal LM in place (nn.Linear → QuantLinear), one block at a time on
 ``config.device`` with activations on CPU between blocks:
 
-1. capture the inputs of block 0 (hidden states + the keyword arguments the blocks need) with a
-   forward pre-hook on ``layers[0]`` that stops the forward;
+1. capture the inputs of block 0 (hidden states) and the keyword arguments of every block (masks,
+   position embeddings: sliding-window Qwen layers get another mask than full-attention ones) with
+   pass-through recorders in place of the blocks' forwards, so no float block runs;
 2. per block, per group of linears sharing an input (q,k,v → o → gate,up → down, observed with
    hooks): accumulate H = X̃ᵀX̃/T from the quantized stream (already-quantized predecessors in the
    block included) and, for the cross objective, G = X̃ᵀX/T with X from the paired float pass
@@ -62,15 +63,21 @@ class _Stop(Exception):
 # ---------------------------------------------------------------------------------------------
 # small helpers
 # ---------------------------------------------------------------------------------------------
-def _tree_to(obj, device):
+def _tree_to(obj, device, memo: Optional[Dict[int, Tensor]] = None):
+    """obj with every tensor moved to device; with `memo` (id → copy), a tensor met twice is
+    copied once and the copies share it as the originals did."""
     if isinstance(obj, Tensor):
-        return obj.to(device)
+        if memo is None:
+            return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device)
+        return memo[id(obj)]
     if isinstance(obj, tuple):
-        return tuple(_tree_to(o, device) for o in obj)
+        return tuple(_tree_to(o, device, memo) for o in obj)
     if isinstance(obj, list):
-        return [_tree_to(o, device) for o in obj]
+        return [_tree_to(o, device, memo) for o in obj]
     if isinstance(obj, dict):
-        return {k: _tree_to(v, device) for k, v in obj.items()}
+        return {k: _tree_to(v, device, memo) for k, v in obj.items()}
     return obj
 
 
@@ -161,49 +168,92 @@ def _tqdm(iterable=None, **kw):
 
 
 # ---------------------------------------------------------------------------------------------
-# capture of block-0 inputs
+# capture of block-0 inputs and of every block's keyword arguments
 # ---------------------------------------------------------------------------------------------
+_DROPPED_KWARGS = ("past_key_value", "past_key_values", "cache", "use_cache")
+
+
 def _capture(model: nn.Module, parts: DecoderParts, samples: List[Tensor], progress: bool
-             ) -> Tuple[List[Tensor], List[dict]]:
-    """Block-0 inputs (CPU) and per-sample block kwargs (CPU; shared among equal lengths)."""
+             ) -> Tuple[List[Tensor], List[List[dict]]]:
+    """Block-0 inputs (CPU) and, per sample, the keyword arguments of every block (CPU).
+
+    Blocks need not all receive the same kwargs: HF Qwen2/Qwen3 with sliding-window layers
+    (``config.layer_types`` mixing full and sliding attention) give each block the mask of its own
+    attention type. So every block's ``forward`` is replaced, for the capture, by a recorder that
+    keeps the kwargs of its first call and hands its input through unchanged: no float block runs
+    (the point of block-by-block calibration), and the last recorder ends the forward. The kwargs
+    are copied to CPU with a memo by tensor identity, so a tensor passed to many blocks (the rotary
+    cos/sin, a mask shared by every layer of one type) is stored once, and blocks whose kwargs are
+    the same objects share one dict (their device copies are then made once per block, not per
+    kwarg set). Samples of equal length share one list: without padding the kwargs depend only on
+    the length."""
+    layers = parts.layers
+    n = len(layers)
     inps: List[Tensor] = []
-    kws: List[dict] = []
-    by_len: Dict[int, dict] = {}
-    slot: Dict[str, Any] = {}
+    kws: List[List[dict]] = []
+    by_len: Dict[int, List[dict]] = {}
+    seen: List[Optional[Tuple[tuple, dict]]] = [None] * n
 
-    def pre_hook(module, args, kwargs):
-        kwargs = dict(kwargs)
-        x = args[0] if args else kwargs.pop("hidden_states")
-        slot["x"] = x.detach().cpu()
-        slot["args"] = tuple(args[1:])
-        slot["kw"] = kwargs
-        raise _Stop
+    def recorder(i):
+        def forward(*args, **kwargs):
+            if seen[i] is None:
+                if args:
+                    x = args[0]
+                    extra = args[1:]
+                else:
+                    x = kwargs.pop("hidden_states", None)
+                    extra = ()
+                if not isinstance(x, Tensor):
+                    raise RuntimeError(f"quantize_model: decoder block {i} was not given its hidden "
+                                       "states as the first argument")
+                if extra:
+                    raise RuntimeError("quantize_model: the decoder blocks receive extra positional "
+                                       "arguments; only hidden_states + keyword arguments are supported")
+                seen[i] = (x.detach().cpu() if i == 0 else None,
+                           {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS})
+            if i == n - 1:
+                raise _Stop
+            # pass-through: the next recorder only needs to be reached, its input value is unused
+            return args[0] if args else kwargs["hidden_states"]
 
-    h = parts.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+        return forward
+
+    # an instance attribute shadows the class's forward; hooks, and attributes the model's loop
+    # reads from its blocks (e.g. attention_type), stay in place
+    for i, block in enumerate(layers):
+        block.forward = recorder(i)
     dev = parts.embed_tokens.weight.device
     try:
         with torch.no_grad():
             for ids in _tqdm(samples, desc="calibration: embedding", disable=not progress, leave=False):
+                seen[:] = [None] * n
                 try:
                     model(input_ids=ids.to(dev), use_cache=False)
                 except _Stop:
                     pass
-                else:
-                    raise RuntimeError("quantize_model: the model's forward never reached its first "
-                                       "decoder block")
-                if slot["args"]:
-                    raise RuntimeError("quantize_model: the decoder blocks receive extra positional "
-                                       "arguments; only hidden_states + keyword arguments are supported")
-                kw = {k: v for k, v in slot["kw"].items()
-                      if k not in ("past_key_value", "past_key_values", "use_cache")}
-                kw["use_cache"] = False
+                missing = [i for i in range(n) if seen[i] is None]
+                if missing:
+                    raise RuntimeError(f"quantize_model: the model's forward never reached decoder "
+                                       f"block(s) {missing}")
                 L = ids.shape[1]
                 if L not in by_len:
-                    by_len[L] = _tree_to(kw, "cpu")
-                inps.append(slot["x"])
+                    memo: Dict[int, Any] = {}
+                    dicts: Dict[tuple, dict] = {}
+                    per_block = []
+                    for _, kw in seen:
+                        key = tuple(sorted((k, id(v)) for k, v in kw.items()))
+                        if key not in dicts:
+                            d = _tree_to(kw, "cpu", memo)
+                            d["use_cache"] = False
+                            dicts[key] = d
+                        per_block.append(dicts[key])
+                    by_len[L] = per_block
+                inps.append(seen[0][0])
                 kws.append(by_len[L])
     finally:
-        h.remove()
+        for block in layers:
+            if "forward" in block.__dict__:
+                del block.forward
     return inps, kws
 
 
@@ -395,12 +445,14 @@ class _Runner:
                     self.dist.begin_block(i, mode)
                 block.to(dev)
                 cache: Dict[int, dict] = {}
+                memo: Dict[int, Tensor] = {}
 
-                def kws_dev(j, cache=cache):
-                    k = id(kws[j])
-                    if k not in cache:
-                        cache[k] = _tree_to(kws[j], dev)
-                    return cache[k]
+                def kws_dev(j, i=i, cache=cache, memo=memo):
+                    """Sample j's kwargs for block i, on the device (one copy per distinct tensor)."""
+                    kw = kws[j][i]
+                    if id(kw) not in cache:
+                        cache[id(kw)] = _tree_to(kw, dev, memo)
+                    return cache[id(kw)]
 
                 with torch.no_grad():
                     groups = block_linears(block, run=lambda b: b(inps[0].to(dev), **kws_dev(0)))
