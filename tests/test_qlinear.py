@@ -368,10 +368,27 @@ def test_save_load_round_trip_gives_identical_codes_and_logits(saved_llama):
             assert torch.equal(other.codes(), mod.codes())
             assert torch.equal(other.scales, mod.scales)
     with torch.no_grad():
-        assert torch.equal(loaded.eval()(ids).logits, logits)
+        assert torch.equal(loaded(ids).logits, logits)  # loaded in eval mode
     manifest = json.loads((d / MANIFEST).read_text())
     assert manifest["quantization_config"] == {"bits": 4, "method": "rtn"}
     assert manifest["quantized_modules"]["model.layers.0.mlp.down_proj"]["bits"] == 3
+
+
+def test_model_rebuilt_from_config_loads_in_eval_mode_so_dropout_is_off(tmp_path):
+    from torch_piso.models import tiny_model
+
+    model = tiny_model("qwen2", attention_dropout=0.5)
+    quantize_some(model)
+    save_quantized(model, tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q")
+    assert not loaded.training and not any(m.training for m in loaded.modules())
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b, want = loaded(ids).logits, loaded(ids).logits, model.eval()(ids).logits
+    assert torch.equal(a, b)  # no dropout: the same logits on every call
+    # to rounding only: tiny_model uses eager attention, the rebuilt model the default (sdpa);
+    # with dropout 0.5 left on, the logits differ by O(1)
+    torch.testing.assert_close(a, want, rtol=0, atol=1e-5)
 
 
 def test_load_into_given_model_or_factory(saved_llama):

@@ -236,8 +236,10 @@ def load_quantized(directory: Union[str, os.PathLike],
 
     ``model``: an ``nn.Module`` of the original (unquantized) architecture, modified in place; or a
     factory called as ``factory(model_config_dict)`` (or with no argument if it takes none); or None
-    to rebuild a transformers model from the saved model config. The QuantLinear modules named in the
-    manifest are swapped in, then every tensor is checked (present, shape, dtype) and loaded.
+    to rebuild a transformers model from the saved model config -- returned in eval mode, like
+    ``from_pretrained`` (a given model or a factory's model keeps the mode it was made in). The
+    QuantLinear modules named in the manifest are swapped in, then every tensor is checked
+    (present, shape, dtype) and loaded.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -248,7 +250,8 @@ def load_quantized(directory: Union[str, os.PathLike],
         if not manifest.get("model_config"):
             raise QuantizedCheckpointError(f"{d}: the manifest holds no model_config; pass a model "
                                            f"or a factory to load_quantized")
-        model = build_hf_model(manifest["model_config"], manifest.get("model_class"))
+        # from_config builds in training mode: dropout would make every forward differ
+        model = build_hf_model(manifest["model_config"], manifest.get("model_class")).eval()
     elif not isinstance(model, nn.Module):
         takes_arg = True
         try:
@@ -275,7 +278,7 @@ def load_quantized(directory: Union[str, os.PathLike],
                 f"{d}: module {name!r} is {old.in_features}->{old.out_features} in the model but "
                 f"{info['in_features']}->{info['out_features']} in the checkpoint")
         new[name] = QuantLinear(info["in_features"], info["out_features"], info["bits"],
-                                info["group_size"], bias=info["bias"], device="meta")
+                                info["group_size"], bias=info["bias"], device="meta").train(old.training)
     replace_linear(model, new)
 
     try:
