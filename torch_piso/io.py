@@ -107,6 +107,21 @@ def _dedup_state_dict(sd: dict[str, torch.Tensor]):
     return unique, aliases
 
 
+def check_save_target(directory: Union[str, os.PathLike], what: str = "save_quantized") -> Path:
+    """The rule :func:`save_quantized` follows, for callers that want to fail before hours of work
+    (the CLI checks ``--out`` before loading the model): ``directory`` may be missing, empty, or a
+    torch_piso save (which is replaced); anything else raises FileExistsError naming ``what``.
+    Returns the path a save writes to."""
+    target = Path(directory)
+    if target.exists():
+        if not target.is_dir():
+            raise FileExistsError(f"{what}: {target} exists and is not a directory")
+        if any(target.iterdir()) and not (target / MANIFEST).exists():
+            raise FileExistsError(f"{what}: {target} exists, is not empty and is not a "
+                                  f"torch_piso save; refusing to overwrite it")
+    return target
+
+
 def save_quantized(model: nn.Module, directory: Union[str, os.PathLike],
                    config: Optional[dict] = None) -> Path:
     """Writes ``model`` (with its QuantLinear modules) to ``directory`` atomically.
@@ -117,13 +132,7 @@ def save_quantized(model: nn.Module, directory: Union[str, os.PathLike],
     """
     from safetensors.torch import save_file
 
-    target = Path(directory)
-    if target.exists():
-        if not target.is_dir():
-            raise FileExistsError(f"save_quantized: {target} exists and is not a directory")
-        if any(target.iterdir()) and not (target / MANIFEST).exists():
-            raise FileExistsError(f"save_quantized: {target} exists, is not empty and is not a "
-                                  f"torch_piso save; refusing to overwrite it")
+    target = check_save_target(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
 
     quantized = {}

@@ -576,21 +576,34 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _resolve_device(cfg: QuantConfig) -> torch.device:
-    if cfg.device is None:
+def resolve_device(device, what: str = "QuantConfig.device") -> torch.device:
+    """The device the pipeline runs on: None → cuda when usable, else cpu. A cuda device without
+    CUDA (or without torch_piso's CUDA kernels) is a RuntimeError naming ``what`` -- the CLI calls
+    this before loading a model."""
+    if device is None:
         if torch.cuda.is_available() and ops.has_cuda_kernels():
             return torch.device("cuda")
         return torch.device("cpu")
-    dev = torch.device(cfg.device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise RuntimeError(f"{what}={device!r}: not a device ({exc})") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"QuantConfig.device={cfg.device!r}: CUDA is not available")
+            raise RuntimeError(f"{what}={device!r}: CUDA is not available")
         if not ops.has_cuda_kernels():
-            raise RuntimeError(f"QuantConfig.device={cfg.device!r}: torch_piso was built without CUDA "
+            raise RuntimeError(f"{what}={device!r}: torch_piso was built without CUDA "
                                "kernels; use device='cpu' or rebuild")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RuntimeError(f"{what}={device!r}: there are {torch.cuda.device_count()} CUDA "
+                               "device(s)")
     elif dev.type != "cpu":
-        raise RuntimeError(f"QuantConfig.device={cfg.device!r}: only cpu and cuda are supported")
+        raise RuntimeError(f"{what}={device!r}: only cpu and cuda are supported")
     return dev
+
+
+def _resolve_device(cfg: QuantConfig) -> torch.device:
+    return resolve_device(cfg.device)
 
 
 def quantize_model_with_report(model: nn.Module, calibration, config: QuantConfig, *,
