@@ -374,3 +374,17 @@ def test_top_level_exports():
     for name in ("QuantConfig", "quantize_model", "RECIPES", "QuantLinear", "replace_linear",
                  "save_quantized", "load_quantized", "QuantizedCheckpointError"):
         assert getattr(torch_piso, name) is not None
+
+
+def test_quantize_model_under_inference_mode_equals_no_grad_and_leaves_normal_tensors():
+    want, _ = run(model(), QuantConfig.recipe("qronos*piso", bits=3))
+    got = model()  # made outside: a deepcopy under inference_mode gives inference parameters
+    with torch.inference_mode():
+        got, _ = quantize_model_with_report(got, CAL.clone(), QuantConfig.recipe("qronos*piso", bits=3),
+                                            progress=False, log=None)
+    w = dict(want.named_modules())
+    for n, mod in got.named_modules():
+        if isinstance(mod, QuantLinear):
+            assert torch.equal(mod.codes(), w[n].codes()) and torch.equal(mod.scales, w[n].scales), n
+    assert not any(t.is_inference() for t in got.state_dict().values())
+    got.load_state_dict(want.state_dict())  # in-place copies: impossible into inference tensors

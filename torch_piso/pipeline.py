@@ -616,6 +616,18 @@ def quantize_model_with_report(model: nn.Module, calibration, config: QuantConfi
     checkpoint_dir: write each finished block there (atomically) and, on a rerun with the same
     model, calibration and recipe, resume after the last finished block (torch_piso.distributed).
     _dist: a torch_piso.distributed.DistContext (use quantize_model_distributed)."""
+    # Called under torch.inference_mode(), every tensor made here would be an inference tensor:
+    # QuantLinear buffers and block weights moved between devices that the caller could then never
+    # update in place (load_state_dict, .to_()), and activations without the version counter
+    # HessianCollector's input sharing relies on. No autograd is needed either way.
+    with torch.inference_mode(False), torch.no_grad():
+        return _quantize_model_with_report(model, calibration, config, progress=progress,
+                                           output_dir=output_dir, log=log, _spy=_spy,
+                                           checkpoint_dir=checkpoint_dir, _dist=_dist)
+
+
+def _quantize_model_with_report(model, calibration, config, *, progress, output_dir, log, _spy,
+                                checkpoint_dir, _dist):
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config: expected a QuantConfig, got {type(config).__name__}")
     cfg = config
