@@ -271,6 +271,22 @@ def test_group_size_not_dividing_a_layer_is_a_clear_error_before_any_change():
     _untouched(m, fp)
 
 
+@pytest.mark.parametrize("where,value", [("mlp.up_proj.weight", float("nan")),
+                                         ("self_attn.o_proj.weight", float("-inf")),
+                                         ("self_attn.k_proj.bias", float("inf"))])
+def test_non_finite_weight_in_a_later_block_is_an_error_naming_it_before_any_change(where, value):
+    fp = model("qwen2")  # qwen2: k_proj has a bias
+    with torch.no_grad():
+        fp.get_parameter(f"model.layers.1.{where}").view(-1)[7] = value
+    m = copy.deepcopy(fp)
+    mod, pname = where.rsplit(".", 1)
+    with pytest.raises(ValueError, match=rf"module 'model.layers.1.{mod}' has a non-finite {pname}"):
+        run(m, QuantConfig.recipe("gptq+piso"))
+    assert not any(isinstance(x, QuantLinear) for x in m.modules())
+    for (n, a), (_, b) in zip(m.state_dict().items(), fp.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=n)
+
+
 @pytest.mark.parametrize("cal,match", [
     (torch.empty(0, 32, dtype=torch.long), "no samples"),
     ([], "no samples"),

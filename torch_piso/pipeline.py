@@ -648,6 +648,13 @@ def _quantize_model_with_report(model, calibration, config, *, progress, output_
                 raise ValueError(f"QuantConfig.group_size={cfg.group_size} does not divide in_features="
                                  f"{m.in_features} of module {qual!r}; choose a divisor of every "
                                  "quantized layer's in_features or skip the module")
+            # found in block 1 only after block 0 was replaced, a NaN left a half-quantized model
+            for pname in ("weight", "bias"):
+                t = getattr(m, pname, None)
+                if isinstance(t, Tensor) and t.device.type != "meta" and not torch.isfinite(t).all():
+                    bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+                    raise ValueError(f"quantize_model: module {qual!r} has a non-finite {pname} "
+                                     f"(NaN or Inf, first at index {bad}); nothing was quantized")
             quantized_names.append(qual)
     if not quantized_names:
         raise ValueError("quantize_model: no nn.Linear left to quantize (all skipped?)")
