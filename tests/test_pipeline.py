@@ -322,6 +322,46 @@ def test_skip_globs_leave_modules_in_float():
     assert len(report["rows"]) == 12
 
 
+def _float_linears(m):
+    return sorted(n for n, x in m.named_modules() if type(x) is nn.Linear)
+
+
+@pytest.mark.parametrize("skip,left", [
+    (("q_proj",), ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]),
+    (("self_attn.q_proj",), ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]),
+    (("layers.1.mlp.*",), ["model.layers.1.mlp.down_proj", "model.layers.1.mlp.gate_proj",
+                           "model.layers.1.mlp.up_proj"]),
+    (("model.layers.0.self_attn.[qk]_proj",), ["model.layers.0.self_attn.k_proj",
+                                               "model.layers.0.self_attn.q_proj"]),
+])
+def test_skip_patterns_match_the_whole_name_or_a_dotted_suffix(skip, left, recwarn):
+    m, report = run(model(), QuantConfig(bits=4, scales="absmax", skip=skip))
+    assert _float_linears(m) == sorted(left + ["lm_head"])
+    assert len(report["rows"]) == 14 - len(left)
+    assert not [w for w in recwarn if "QuantConfig.skip" in str(w.message)]
+
+
+def test_skip_suffix_matching_is_by_dotted_component():
+    cfg = QuantConfig(skip=("q_proj", "mlp.*"))
+    assert cfg.skips("model.layers.0.self_attn.q_proj") and cfg.skips("q_proj")
+    assert not cfg.skips("model.layers.0.self_attn.xq_proj")
+    assert cfg.skips("model.layers.3.mlp.up_proj") and not cfg.skips("model.layers.3.xmlp.up_proj")
+
+
+def test_skip_pattern_matching_no_linear_is_warned_about_by_name():
+    with pytest.warns(UserWarning, match=r"QuantConfig.skip: pattern 'qproj' matches no nn.Linear"):
+        m, _ = run(model(), QuantConfig(bits=4, scales="absmax", skip=("lm_head", "qproj")))
+    assert _float_linears(m) == ["lm_head"]
+
+
+def test_default_skip_lm_head_is_outside_the_blocks_so_never_quantized_and_not_warned(recwarn):
+    for skip in (QuantConfig().skip, ()):  # the default only states what the pipeline does
+        m, _ = run(model(), QuantConfig(bits=4, scales="absmax", skip=skip))
+        assert _float_linears(m) == ["lm_head"]
+    assert QuantConfig().skip == ("lm_head",)
+    assert not [w for w in recwarn if "QuantConfig.skip" in str(w.message)]
+
+
 # ---------------------------------------------------------------------------------------------
 # QuantConfig
 # ---------------------------------------------------------------------------------------------

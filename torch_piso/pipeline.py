@@ -31,11 +31,11 @@ per token (H, G are /T):
 from __future__ import annotations
 
 import copy
-import fnmatch
 import json
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .config import QuantConfig
+from .config import DEFAULT_SKIP, QuantConfig, skip_pattern_matches
 from .hessian import HessianCollector
 from .models import DecoderParts, block_linears, find_decoder
 from .nn import QuantLinear, replace_linear
@@ -282,7 +282,7 @@ class _Runner:
         self.resumed_blocks: List[str] = []
 
     def _skipped(self, qual: str) -> bool:
-        return any(fnmatch.fnmatchcase(qual, p) for p in self.cfg.skip)
+        return self.cfg.skips(qual)
 
     def _run_until(self, root: nn.Module, names: Sequence[str], x: Tensor, kw: dict):
         """Forward of `root` on x, stopped once every module in `names` has run."""
@@ -642,7 +642,7 @@ def _quantize_model_with_report(model, calibration, config, *, progress, output_
             if not isinstance(m, nn.Linear):
                 continue
             qual = f"{parts.layers_name}.{i}.{n}"
-            if any(fnmatch.fnmatchcase(qual, p) for p in cfg.skip):
+            if cfg.skips(qual):
                 continue
             if cfg.group_size > 0 and m.in_features % cfg.group_size != 0:
                 raise ValueError(f"QuantConfig.group_size={cfg.group_size} does not divide in_features="
@@ -658,6 +658,11 @@ def _quantize_model_with_report(model, calibration, config, *, progress, output_
             quantized_names.append(qual)
     if not quantized_names:
         raise ValueError("quantize_model: no nn.Linear left to quantize (all skipped?)")
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for p in cfg.skip:
+        if p not in DEFAULT_SKIP and not any(skip_pattern_matches(p, n) for n in linears):
+            warnings.warn(f"QuantConfig.skip: pattern {p!r} matches no nn.Linear of the model (names "
+                          f"look like {linears[0]!r}); it skips nothing", stacklevel=3)
     dev = _resolve_device(cfg)
     all_samples = samples
     ckpt = None
