@@ -35,6 +35,7 @@ FORMAT_NAME = "torch_piso.quantized"
 FORMAT_VERSION = 1
 MANIFEST = "quantized.json"
 TENSORS_FILE = "model.safetensors"
+_MODULE_KEYS = frozenset({"bits", "group_size", "in_features", "out_features", "bias"})
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
@@ -111,8 +112,9 @@ def check_save_target(directory: Union[str, os.PathLike], what: str = "save_quan
     """The rule :func:`save_quantized` follows, for callers that want to fail before hours of work
     (the CLI checks ``--out`` before loading the model): ``directory`` may be missing, empty, or a
     torch_piso save (which is replaced); anything else raises FileExistsError naming ``what``.
-    Returns the path a save writes to."""
-    target = Path(directory)
+    Returns the path a save writes to: symbolic links resolved, so that saving through a link
+    replaces the directory it points to and leaves the link in place."""
+    target = Path(os.path.realpath(directory))
     if target.exists():
         if not target.is_dir():
             raise FileExistsError(f"{what}: {target} exists and is not a directory")
@@ -128,7 +130,9 @@ def save_quantized(model: nn.Module, directory: Union[str, os.PathLike],
 
     ``config`` is the quantization config (any JSON-able dict, or an object with ``to_dict``); the
     model's own config is taken from ``model.config.to_dict()`` when present. An existing directory is
-    replaced only if it is itself a torch_piso save (never an unrelated directory).
+    replaced only if it is itself a torch_piso save (never an unrelated directory); replaced whole,
+    so files added to it since are gone. A symbolic link is followed: the save replaces the
+    directory it points to, the link stays. Returns the (resolved) directory written.
     """
     from safetensors.torch import save_file
 
@@ -208,6 +212,12 @@ def read_manifest(directory: Union[str, os.PathLike], verify: bool = True) -> di
     for key in ("files", "tensors", "aliases", "quantized_modules"):
         if not isinstance(manifest.get(key), dict):
             raise QuantizedCheckpointError(f"{mpath}: missing or malformed {key!r}")
+    if TENSORS_FILE not in manifest["files"]:
+        raise QuantizedCheckpointError(f"{mpath}: 'files' does not list {TENSORS_FILE} (its size and "
+                                       f"sha256 are what make the tensors trustworthy)")
+    for fname, meta in manifest["files"].items():
+        if not isinstance(meta, dict):
+            raise QuantizedCheckpointError(f"{mpath}: malformed 'files' entry for {fname!r}")
     if verify:
         for fname, meta in manifest["files"].items():
             p = d / fname
@@ -274,6 +284,9 @@ def load_quantized(directory: Union[str, os.PathLike],
     # Swap in empty QuantLinear modules of the saved shapes.
     new = {}
     for name, info in manifest["quantized_modules"].items():
+        if not isinstance(info, dict) or not _MODULE_KEYS <= info.keys():
+            raise QuantizedCheckpointError(f"{d}: quantized module {name!r}: malformed manifest entry "
+                                           f"{info!r} (needs {sorted(_MODULE_KEYS)})")
         try:
             old = model.get_submodule(name)
         except AttributeError as exc:
@@ -286,8 +299,13 @@ def load_quantized(directory: Union[str, os.PathLike],
             raise QuantizedCheckpointError(
                 f"{d}: module {name!r} is {old.in_features}->{old.out_features} in the model but "
                 f"{info['in_features']}->{info['out_features']} in the checkpoint")
-        new[name] = QuantLinear(info["in_features"], info["out_features"], info["bits"],
-                                info["group_size"], bias=info["bias"], device="meta").train(old.training)
+        try:
+            q = QuantLinear(info["in_features"], info["out_features"], info["bits"], info["group_size"],
+                            bias=info["bias"], device="meta")
+        except (TypeError, ValueError) as exc:  # a manifest edited by hand, not our save
+            raise QuantizedCheckpointError(f"{d}: quantized module {name!r}: bad manifest entry "
+                                           f"({exc})") from exc
+        new[name] = q.train(old.training)
     replace_linear(model, new)
 
     try:
