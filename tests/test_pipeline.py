@@ -287,6 +287,16 @@ def test_non_finite_weight_in_a_later_block_is_an_error_naming_it_before_any_cha
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=n)
 
 
+def test_quantizing_an_already_quantized_model_says_so():
+    m, _ = run(model(), QuantConfig(bits=4, scales="absmax"))
+    with pytest.raises(ValueError, match=r"already quantized \(14 QuantLinear modules, e.g. "
+                                         r"\['model.layers.0.self_attn.q_proj'"):
+        run(m, QuantConfig(bits=4, scales="absmax"))
+    part, _ = run(model(), QuantConfig(bits=4, scales="absmax", skip=("layers.1.*",)))
+    with pytest.raises(ValueError, match=r"already quantized \(7 QuantLinear"):
+        run(part, QuantConfig(bits=4, scales="absmax"))
+
+
 @pytest.mark.parametrize("cal,match", [
     (torch.empty(0, 32, dtype=torch.long), "no samples"),
     ([], "no samples"),

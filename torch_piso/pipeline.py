@@ -632,6 +632,13 @@ def _quantize_model_with_report(model, calibration, config, *, progress, output_
         raise TypeError(f"config: expected a QuantConfig, got {type(config).__name__}")
     cfg = config
     log = log or (lambda s: None)
+    # before find_decoder: blocks without nn.Linear left would be "not a supported model"
+    done = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)] \
+        if isinstance(model, nn.Module) else []
+    if done:
+        raise ValueError(f"quantize_model: the model is already quantized ({len(done)} QuantLinear "
+                         f"modules, e.g. {done[:3]}); quantize_model takes a float model -- reload "
+                         "the original to quantize it with another recipe")
     parts = find_decoder(model)
     vocab = parts.embed_tokens.num_embeddings if isinstance(parts.embed_tokens, nn.Embedding) else None
     samples = _prepare_calibration(calibration, vocab)
