@@ -192,6 +192,11 @@ def test_capture_runs_no_block_and_stores_each_shared_kwarg_once():
             h.remove()
         assert ran == []  # the float blocks did not run during the capture
         assert all("forward" not in blk.__dict__ for blk in parts.layers)  # recorders removed
+        wrapped = parts.layers[1].forward  # a forward set on the instance (as accelerate does) ...
+        parts.layers[1].forward = wrapped
+        _capture(m, parts, [CAL[0][None]], False)
+        assert parts.layers[1].__dict__["forward"] is wrapped  # ... is put back
+        del parts.layers[1].forward
         assert len(inps) == 3 and [len(k) for k in kws] == [2, 2, 2]
         assert kws[0] is kws[1] and kws[2] is not kws[0]  # one set per sequence length
         assert len({id(d) for d in kws[0]}) == distinct  # one dict per distinct set of kwargs

@@ -219,7 +219,9 @@ def _capture(model: nn.Module, parts: DecoderParts, samples: List[Tensor], progr
         return forward
 
     # an instance attribute shadows the class's forward; hooks, and attributes the model's loop
-    # reads from its blocks (e.g. attention_type), stay in place
+    # reads from its blocks (e.g. attention_type), stay in place. A forward already set on the
+    # instance (accelerate's offload hooks wrap it so) is put back afterwards.
+    own_forward = {i: b.__dict__["forward"] for i, b in enumerate(layers) if "forward" in b.__dict__}
     for i, block in enumerate(layers):
         block.forward = recorder(i)
     dev = parts.embed_tokens.weight.device
@@ -251,8 +253,10 @@ def _capture(model: nn.Module, parts: DecoderParts, samples: List[Tensor], progr
                 inps.append(seen[0][0])
                 kws.append(by_len[L])
     finally:
-        for block in layers:
-            if "forward" in block.__dict__:
+        for i, block in enumerate(layers):
+            if i in own_forward:
+                block.forward = own_forward[i]
+            elif "forward" in block.__dict__:
                 del block.forward
     return inps, kws
 
