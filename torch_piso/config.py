@@ -221,12 +221,12 @@ class QuantConfig:
             out = f"{ec} {op} {sc}"
         return out
 
-    # ------------------------------------------------------------------ (de)serialization
     def skips(self, name: str) -> bool:
         """Whether ``skip`` leaves the module of qualified name ``name`` in float: some pattern p
         matches ``name`` (``fnmatchcase``) or its dotted suffix (``name`` matches ``"*." + p``)."""
         return any(skip_pattern_matches(p, name) for p in self.skip)
 
+    # ------------------------------------------------------------------ (de)serialization
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
         d["skip"] = list(self.skip)
