@@ -206,3 +206,66 @@ def test_groupwise_table_rejects_per_channel():
     spec.loader.exec_module(mod)
     with pytest.raises(SystemExit):
         mod.main(["--group-size", "-1"])
+
+
+# ---------------------------------------------------------------------------------------------
+# refusals come before the model is loaded
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fails the test if the command gets as far as loading a model."""
+    import torch_piso.load
+
+    def forbidden(*a, **k):
+        raise AssertionError("the command loaded the model before refusing its arguments")
+
+    monkeypatch.setattr(torch_piso.load, "load_model", forbidden)
+
+
+def test_out_dir_that_is_not_a_save_is_refused_before_loading_the_model(assets, tmp_path, capsys,
+                                                                         no_model_load):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    capsys.readouterr()
+    assert _quantize(assets, mine) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out: ") and "not a torch_piso save" in err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    (tmp_path / "file").write_text("x")
+    assert _quantize(assets, tmp_path / "file") == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_missing_config_file_is_an_error_line_not_a_traceback(assets, tmp_path, capsys, no_model_load):
+    model_dir, text, _ = assets
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(model_dir), "--text", str(text),
+                 "--config", str(tmp_path / "nope.yaml"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --config {tmp_path / 'nope.yaml'}: cannot read it") and \
+        "Traceback" not in err
+    assert main(["quantize", "--recipe", "rtn-piso", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "give --recipe or --config, not both" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", ["quantize", "eval", "demo"])
+def test_cuda_device_without_cuda_fails_before_loading_the_model(assets, capsys, monkeypatch, cmd,
+                                                                  no_model_load):
+    model_dir, text, d = assets
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    capsys.readouterr()
+    assert main([cmd, "--model", str(model_dir), "--text", str(text), "--device", "cuda",
+                 "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith("error: --device='cuda': CUDA is not available")
+
+
+def test_cuda_device_from_the_config_file_is_checked_too(assets, tmp_path, capsys, monkeypatch,
+                                                         no_model_load):
+    model_dir, text, _ = assets
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "c.yaml").write_text("recipe: rtn-piso\ndevice: cuda\n")
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(model_dir), "--text", str(text),
+                 "--config", str(tmp_path / "c.yaml"), "--quiet"]) == 2
+    assert "QuantConfig.device='cuda': CUDA is not available" in capsys.readouterr().err

@@ -209,6 +209,42 @@ def test_collector_all_reduce_is_final_and_keeps_normalization(tmp_path):
         dist.destroy_process_group()
 
 
+def test_distributed_path_calibrates_sliding_window_blocks_with_their_own_mask(tmp_path):
+    import copy
+
+    import torch.distributed as dist
+
+    from torch_piso.distributed import DistContext
+    from torch_piso.hessian import HessianCollector
+    from torch_piso.models import tiny_model
+    from torch_piso.pipeline import quantize_model_with_report
+
+    fp = tiny_model("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    assert list(fp.config.layer_types) == ["full_attention", "sliding_attention"]
+    calib = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    name = "model.layers.1.self_attn.o_proj"
+    with HessianCollector(copy.deepcopy(fp), name) as hc:
+        with torch.no_grad():
+            for ids in calib:
+                hc.root(ids[None])
+        want = hc.H(name)
+    cfg = QuantConfig.recipe("rtn-piso", objective="self", device="cpu",
+                             skip=("model.layers.0.*", "*.layers.1.self_attn.[qkv]_proj"))
+    spy = {}
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        ctx = DistContext(heartbeat=False)
+        try:
+            quantize_model_with_report(fp, calib, cfg, progress=False, log=None, _dist=ctx,
+                                       _spy=lambda n, d: spy.__setitem__(n, d["H"].clone()))
+        finally:
+            ctx.close()
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(spy[name], want, rtol=1e-5, atol=1e-7)
+
+
 def test_single_process_checkpoint_resumes_every_finished_block(tmp_path):
     ref, rep = single_process("llama", "gptq+piso", "float32", checkpoint_dir=tmp_path)
     assert rep["checkpoint"]["computed_blocks"] == ["scales/0", "scales/1", "final/0", "final/1"]

@@ -647,3 +647,48 @@ def test_accumulate_reads_an_x_that_aliases_the_accumulator_as_it_was(D):
     G = A.clone()
     torch.ops.piso.cross_accumulate_(G, x, G[:, :])  # a view of G as x_fp
     torch.testing.assert_close(G, A + x.T @ A, rtol=1e-12, atol=1e-9)
+
+# ---------------------------------------------------------------------------------------------
+# torch.inference_mode: inputs are inference tensors, without a version counter
+# ---------------------------------------------------------------------------------------------
+def test_collector_under_inference_mode_gives_the_no_grad_statistics_readable_outside():
+    block = _SharedInput()
+    xs = [torch.randn(2, 5, 24), torch.randn(3, 24)]
+    with HessianCollector(block) as want, torch.no_grad():
+        for x in xs:
+            block(x)
+    with HessianCollector(block) as hc:
+        with torch.inference_mode():
+            for x in xs:
+                block(x.clone())
+    for n in "qkvo":  # no sharing is assumed for inference tensors: same statistics, own accumulators
+        assert hc.tokens(n) == want.tokens(n) == 13
+        torch.testing.assert_close(hc.H(n), want.H(n), rtol=1e-6, atol=0)
+    assert sorted(map(tuple, hc.groups())) == [("k",), ("o",), ("q",), ("v",)]
+    H, _, T = hc.pop("q")  # normalized in place outside inference_mode: a normal tensor
+    assert not H.is_inference() and T == 13
+
+
+def test_collector_under_inference_mode_never_takes_a_changed_input_for_a_shared_one():
+    a, b = nn.Linear(6, 3), nn.Linear(6, 3)
+    x = torch.randn(4, 6)
+    with HessianCollector(nn.ModuleList([a, b])) as hc, torch.inference_mode():
+        y = x.clone()
+        a(y)
+        y.mul_(3)  # no version counter records this
+        b(y)
+    torch.testing.assert_close(hc.H("1"), 9 * hc.H("0"), rtol=1e-5, atol=0)
+
+
+def test_collector_under_inference_mode_holds_a_copy_of_the_float_input_for_G():
+    lin = nn.Linear(5, 5)
+    x_fp, x_q = torch.randn(3, 5), torch.randn(3, 5)
+    with HessianCollector(lin, cross=True) as hc, torch.inference_mode():
+        x = x_fp.clone()
+        with hc.pass_("float"):
+            lin(x)
+        x.mul_(2)  # after the float pass: must not reach the held input
+        with hc.pass_("quant"):
+            lin(x_q.clone())
+    H_ref, G_ref, _ = ref.normalized_statistics([x_q], [x_fp])
+    assert _rel_err(hc.G(""), G_ref) < 1e-6 and _rel_err(hc.H(""), H_ref) < 1e-6

@@ -8,13 +8,13 @@ import torch
 from torch import nn
 
 import torch_piso
-
-ops = torch.ops.piso
-from torch_piso import RECIPES, QuantConfig, QuantLinear, quantize_model
+from torch_piso import RECIPES, HessianCollector, QuantConfig, QuantLinear, quantize_model
 from torch_piso.models import (UnsupportedModelError, block_linears, decoder_layers, find_decoder,
                                tiny_model)
 from torch_piso import pipeline
 from torch_piso.pipeline import CalibrationError, quantize_model_with_report
+
+ops = torch.ops.piso
 
 pytest.importorskip("transformers")
 
@@ -192,6 +192,56 @@ def test_reported_layer_losses_are_the_layer_objective_of_the_stored_weights(rec
             want = expanded(Wh)
             assert abs(r[key] - want) <= 1e-6 * abs(want) + 1e-9, (r["module"], key, r[key], want)
 
+def _sliding(arch):
+    """layer_types ["full_attention", "sliding_attention"]: HF gives block 1 a window-4 mask."""
+    m = tiny_model(arch, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    assert list(m.config.layer_types) == ["full_attention", "sliding_attention"]
+    return m
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_sliding_window_blocks_are_calibrated_with_their_own_attention_mask(arch):
+    fp = _sliding(arch)
+    name = "model.layers.1.self_attn.o_proj"  # its input depends on block 1's mask (seqlen 32 > 4)
+    with HessianCollector(copy.deepcopy(fp), name) as hc:
+        with torch.no_grad():
+            for ids in CAL:
+                hc.root(ids[None])
+        want = hc.H(name)
+    spy = {}
+    # block 0 and block 1's q,k,v stay float, so o_proj's input in the pipeline is the float one
+    cfg = QuantConfig.recipe("rtn-piso", objective="self",
+                             skip=("model.layers.0.*", "*.layers.1.self_attn.[qkv]_proj"))
+    run(copy.deepcopy(fp), cfg, _spy=lambda n, d: spy.__setitem__(n, d["H"].clone()))
+    torch.testing.assert_close(spy[name], want, rtol=1e-5, atol=1e-7)
+
+
+def test_capture_runs_no_block_and_stores_each_shared_kwarg_once():
+    from torch_piso.pipeline import _capture
+
+    for m, distinct in ((model("llama"), 1), (_sliding("qwen2"), 2)):
+        parts = find_decoder(m)
+        ran = []
+        hs = [blk.mlp.register_forward_hook(lambda *a: ran.append(1)) for blk in parts.layers]
+        inps, kws = _capture(m, parts, [CAL[0][None], CAL[1][None], CAL[2][None, :20]], False)
+        for h in hs:
+            h.remove()
+        assert ran == []  # the float blocks did not run during the capture
+        assert all("forward" not in blk.__dict__ for blk in parts.layers)  # recorders removed
+        wrapped = parts.layers[1].forward  # a forward set on the instance (as accelerate does) ...
+        parts.layers[1].forward = wrapped
+        _capture(m, parts, [CAL[0][None]], False)
+        assert parts.layers[1].__dict__["forward"] is wrapped  # ... is put back
+        del parts.layers[1].forward
+        assert len(inps) == 3 and [len(k) for k in kws] == [2, 2, 2]
+        assert kws[0] is kws[1] and kws[2] is not kws[0]  # one set per sequence length
+        assert len({id(d) for d in kws[0]}) == distinct  # one dict per distinct set of kwargs
+        cos0, cos1 = kws[0][0]["position_embeddings"][0], kws[0][1]["position_embeddings"][0]
+        assert cos0 is cos1  # the rotary cos/sin are stored once for all blocks
+        masks = [d["attention_mask"] for d in kws[0]]
+        if distinct == 2:
+            assert not torch.equal(masks[0], masks[1])  # full vs sliding-window mask
+
 
 @pytest.mark.parametrize("ec,objective", [("gptq", "self"), ("qronos", "cross")])
 def test_decoupled_scales_equal_those_of_a_first_rtn_piso_pass(ec, objective):
@@ -262,6 +312,32 @@ def test_group_size_not_dividing_a_layer_is_a_clear_error_before_any_change():
     _untouched(m, fp)
 
 
+@pytest.mark.parametrize("where,value", [("mlp.up_proj.weight", float("nan")),
+                                         ("self_attn.o_proj.weight", float("-inf")),
+                                         ("self_attn.k_proj.bias", float("inf"))])
+def test_non_finite_weight_in_a_later_block_is_an_error_naming_it_before_any_change(where, value):
+    fp = model("qwen2")  # qwen2: k_proj has a bias
+    with torch.no_grad():
+        fp.get_parameter(f"model.layers.1.{where}").view(-1)[7] = value
+    m = copy.deepcopy(fp)
+    mod, pname = where.rsplit(".", 1)
+    with pytest.raises(ValueError, match=rf"module 'model.layers.1.{mod}' has a non-finite {pname}"):
+        run(m, QuantConfig.recipe("gptq+piso"))
+    assert not any(isinstance(x, QuantLinear) for x in m.modules())
+    for (n, a), (_, b) in zip(m.state_dict().items(), fp.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=n)
+
+
+def test_quantizing_an_already_quantized_model_says_so():
+    m, _ = run(model(), QuantConfig(bits=4, scales="absmax"))
+    with pytest.raises(ValueError, match=r"already quantized \(14 QuantLinear modules, e.g. "
+                                         r"\['model.layers.0.self_attn.q_proj'"):
+        run(m, QuantConfig(bits=4, scales="absmax"))
+    part, _ = run(model(), QuantConfig(bits=4, scales="absmax", skip=("layers.1.*",)))
+    with pytest.raises(ValueError, match=r"already quantized \(7 QuantLinear"):
+        run(part, QuantConfig(bits=4, scales="absmax"))
+
+
 @pytest.mark.parametrize("cal,match", [
     (torch.empty(0, 32, dtype=torch.long), "no samples"),
     ([], "no samples"),
@@ -295,6 +371,46 @@ def test_skip_globs_leave_modules_in_float():
     assert isinstance(m.model.layers[0].mlp.down_proj, nn.Linear)
     assert isinstance(m.model.layers[1].mlp.up_proj, QuantLinear)
     assert len(report["rows"]) == 12
+
+
+def _float_linears(m):
+    return sorted(n for n, x in m.named_modules() if type(x) is nn.Linear)
+
+
+@pytest.mark.parametrize("skip,left", [
+    (("q_proj",), ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]),
+    (("self_attn.q_proj",), ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]),
+    (("layers.1.mlp.*",), ["model.layers.1.mlp.down_proj", "model.layers.1.mlp.gate_proj",
+                           "model.layers.1.mlp.up_proj"]),
+    (("model.layers.0.self_attn.[qk]_proj",), ["model.layers.0.self_attn.k_proj",
+                                               "model.layers.0.self_attn.q_proj"]),
+])
+def test_skip_patterns_match_the_whole_name_or_a_dotted_suffix(skip, left, recwarn):
+    m, report = run(model(), QuantConfig(bits=4, scales="absmax", skip=skip))
+    assert _float_linears(m) == sorted(left + ["lm_head"])
+    assert len(report["rows"]) == 14 - len(left)
+    assert not [w for w in recwarn if "QuantConfig.skip" in str(w.message)]
+
+
+def test_skip_suffix_matching_is_by_dotted_component():
+    cfg = QuantConfig(skip=("q_proj", "mlp.*"))
+    assert cfg.skips("model.layers.0.self_attn.q_proj") and cfg.skips("q_proj")
+    assert not cfg.skips("model.layers.0.self_attn.xq_proj")
+    assert cfg.skips("model.layers.3.mlp.up_proj") and not cfg.skips("model.layers.3.xmlp.up_proj")
+
+
+def test_skip_pattern_matching_no_linear_is_warned_about_by_name():
+    with pytest.warns(UserWarning, match=r"QuantConfig.skip: pattern 'qproj' matches no nn.Linear"):
+        m, _ = run(model(), QuantConfig(bits=4, scales="absmax", skip=("lm_head", "qproj")))
+    assert _float_linears(m) == ["lm_head"]
+
+
+def test_default_skip_lm_head_is_outside_the_blocks_so_never_quantized_and_not_warned(recwarn):
+    for skip in (QuantConfig().skip, ()):  # the default only states what the pipeline does
+        m, _ = run(model(), QuantConfig(bits=4, scales="absmax", skip=skip))
+        assert _float_linears(m) == ["lm_head"]
+    assert QuantConfig().skip == ("lm_head",)
+    assert not [w for w in recwarn if "QuantConfig.skip" in str(w.message)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,3 +481,17 @@ def test_top_level_exports():
     for name in ("QuantConfig", "quantize_model", "RECIPES", "QuantLinear", "replace_linear",
                  "save_quantized", "load_quantized", "QuantizedCheckpointError"):
         assert getattr(torch_piso, name) is not None
+
+
+def test_quantize_model_under_inference_mode_equals_no_grad_and_leaves_normal_tensors():
+    want, _ = run(model(), QuantConfig.recipe("qronos*piso", bits=3))
+    got = model()  # made outside: a deepcopy under inference_mode gives inference parameters
+    with torch.inference_mode():
+        got, _ = quantize_model_with_report(got, CAL.clone(), QuantConfig.recipe("qronos*piso", bits=3),
+                                            progress=False, log=None)
+    w = dict(want.named_modules())
+    for n, mod in got.named_modules():
+        if isinstance(mod, QuantLinear):
+            assert torch.equal(mod.codes(), w[n].codes()) and torch.equal(mod.scales, w[n].scales), n
+    assert not any(t.is_inference() for t in got.state_dict().values())
+    got.load_state_dict(want.state_dict())  # in-place copies: impossible into inference tensors

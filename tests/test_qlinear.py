@@ -368,10 +368,27 @@ def test_save_load_round_trip_gives_identical_codes_and_logits(saved_llama):
             assert torch.equal(other.codes(), mod.codes())
             assert torch.equal(other.scales, mod.scales)
     with torch.no_grad():
-        assert torch.equal(loaded.eval()(ids).logits, logits)
+        assert torch.equal(loaded(ids).logits, logits)  # loaded in eval mode
     manifest = json.loads((d / MANIFEST).read_text())
     assert manifest["quantization_config"] == {"bits": 4, "method": "rtn"}
     assert manifest["quantized_modules"]["model.layers.0.mlp.down_proj"]["bits"] == 3
+
+
+def test_model_rebuilt_from_config_loads_in_eval_mode_so_dropout_is_off(tmp_path):
+    from torch_piso.models import tiny_model
+
+    model = tiny_model("qwen2", attention_dropout=0.5)
+    quantize_some(model)
+    save_quantized(model, tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q")
+    assert not loaded.training and not any(m.training for m in loaded.modules())
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b, want = loaded(ids).logits, loaded(ids).logits, model.eval()(ids).logits
+    assert torch.equal(a, b)  # no dropout: the same logits on every call
+    # to rounding only: tiny_model uses eager attention, the rebuilt model the default (sdpa);
+    # with dropout 0.5 left on, the logits differ by O(1)
+    torch.testing.assert_close(a, want, rtol=0, atol=1e-5)
 
 
 def test_load_into_given_model_or_factory(saved_llama):
@@ -443,6 +460,15 @@ def test_load_rejects_corrupted_bytes_of_the_same_size(saved_llama, tmp_path):
      "packed.*has shape"),
     (lambda m: m["quantized_modules"].update({"model.nothere": m["quantized_modules"][
         "model.layers.0.self_attn.q_proj"]}), "does not exist in the model"),
+    (lambda m: m.update(files={}), "'files' does not list model.safetensors"),
+    (lambda m: m["files"].update({"model.safetensors": 7}), "malformed 'files' entry"),
+    (lambda m: m["quantized_modules"]["model.layers.0.self_attn.q_proj"].update(bits=9),
+     r"q_proj': bad manifest entry \(bits: expected an integer in \[2, 8\], got 9\)"),
+    (lambda m: m["quantized_modules"]["model.layers.0.self_attn.q_proj"].update(bits="4"), "bits"),
+    (lambda m: m["quantized_modules"]["model.layers.0.mlp.down_proj"].update(group_size=5),
+     r"down_proj': bad manifest entry \(group_size"),
+    (lambda m: m["quantized_modules"]["model.layers.0.mlp.down_proj"].pop("group_size"),
+     r"down_proj': malformed manifest entry"),
 ])
 def test_load_rejects_tampered_manifest(saved_llama, tmp_path, tamper, pattern):
     d = _copy_save(saved_llama[1], tmp_path / "c")
@@ -501,6 +527,24 @@ def test_save_refuses_to_overwrite_an_unrelated_directory(tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not a torch_piso save"):
         save_quantized(nn.Sequential(nn.Linear(4, 4)), tmp_path / "mine")
+
+
+def test_save_through_a_symlink_replaces_its_target_and_keeps_the_link(saved_llama, tmp_path):
+    model, d, ids, logits = saved_llama
+    real = _copy_save(d, tmp_path / "real")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    assert save_quantized(model, link) == real.resolve()
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # no leftovers
+    with torch.no_grad():
+        assert torch.equal(load_quantized(link)(ids).logits, logits)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    (tmp_path / "to_mine").symlink_to(mine)
+    with pytest.raises(FileExistsError, match="not a torch_piso save"):  # the target's rule applies
+        save_quantized(model, tmp_path / "to_mine")
 
 
 def test_load_never_unpickles(saved_llama, monkeypatch):

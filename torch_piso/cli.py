@@ -41,7 +41,23 @@ PAPER_GROUPWISE = ("rtn-absmax", "rtn-data-free", "rtn-piso", "rtn-piso_s",
                    "qronos*piso_s", "qronos†data-free", "qronos†piso", "qronos†piso_s")
 
 
+class CliError(Exception):
+    """A bad command line found before any work: main prints ``error: <message>`` and returns 2."""
+
+
 # ---------------------------------------------------------------------------------- helpers
+def _check_device(device, what: str) -> None:
+    """A device that cannot run (cuda without CUDA) fails here, before a model is loaded."""
+    from .pipeline import resolve_device
+
+    if device is None:
+        return
+    try:
+        resolve_device(device, what)
+    except RuntimeError as exc:
+        raise CliError(str(exc)) from None
+
+
 def peak_rss_mib() -> float:
     """Peak resident set size of this process so far (MiB; ru_maxrss is KiB on Linux)."""
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -108,9 +124,12 @@ def build_config(recipe: Optional[str] = None, config_file: Optional[str] = None
     from .config import QuantConfig
 
     if recipe and config_file:
-        raise SystemExit("error: give --recipe or --config, not both")
+        raise CliError("give --recipe or --config, not both")
     if config_file:
-        cfg = QuantConfig.from_file(config_file)
+        try:
+            cfg = QuantConfig.from_file(config_file)
+        except OSError as exc:  # missing, a directory, unreadable
+            raise CliError(f"--config {config_file}: cannot read it ({exc.strerror or exc})") from None
         if overrides:
             d = cfg.to_dict()
             d.update(overrides)
@@ -150,11 +169,15 @@ def _report_summary(model) -> Optional[object]:
 def cmd_quantize(args) -> int:
     from .data import split_text  # noqa: F401
     from .eval import perplexity
-    from .io import save_quantized
+    from .io import check_save_target, save_quantized
     from .load import load_model
     from .pipeline import quantize_model
 
     cfg = build_config(args.recipe, args.config, **_config_overrides(args))
+    # everything that can be refused is refused before the model is loaded and quantized
+    _check_device(cfg.device, "--device" if args.device else "QuantConfig.device")
+    if args.out:
+        check_save_target(args.out, "--out")
     print(f"# config: {cfg.label if hasattr(cfg, 'label') else ''} {cfg.to_dict()}")
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
@@ -232,7 +255,7 @@ def cmd_eval(args) -> int:
     from .load import load_model
 
     if args.quantized and args.model:
-        raise SystemExit("error: give --model or --quantized, not both")
+        raise CliError("give --model or --quantized, not both")
     t0 = time.perf_counter()
     if args.quantized:
         model, tok = load_quantized_with_tokenizer(args.quantized, device=args.device or "cpu")
@@ -506,8 +529,9 @@ def main(argv=None) -> int:
     from .load import ModelLoadError
 
     try:
+        _check_device(args.device, "--device")
         return args.func(args)
-    except (ModelLoadError, TextLoadError, QuantizedCheckpointError, FileExistsError) as exc:
+    except (CliError, ModelLoadError, TextLoadError, QuantizedCheckpointError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # bad arguments found late (text too short, group size, recipe ...)

@@ -22,10 +22,17 @@ Vocabulary (ALGORITHM.md §4.4):
   Brevitas, ALGORITHM §1.2): the float copy of the current block applied to the quantized-stream
   block input (X = X̃ for q/k/v). ``model``: a full float stream is propagated between blocks too
   (twice the activation memory).
+- ``skip``: name globs of linears left in float. A pattern matches a module's qualified name
+  (``model.layers.3.self_attn.q_proj``) whole or as a dotted suffix: ``q_proj``,
+  ``self_attn.q_proj``, ``layers.0.*`` and ``*.down_proj`` all work (:meth:`QuantConfig.skips`).
+  Only the nn.Linear inside the decoder blocks are ever quantized, so ``lm_head`` (and anything
+  else outside the blocks) stays float whatever ``skip`` says: the default ``("lm_head",)`` only
+  states that, it changes nothing. A pattern matching no nn.Linear of the model is warned about.
 """
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import os
 from dataclasses import dataclass, field
@@ -41,6 +48,14 @@ GROUP_VARIANTS = ("independent", "sequential")
 OBJECTIVES = (None, "self", "cross")
 FLOAT_STREAMS = ("block", "model")
 HESSIAN_DTYPES = ("float32", "float64")
+#: lm_head is outside the decoder blocks, so never quantized anyway: the default states it.
+DEFAULT_SKIP = ("lm_head",)
+
+
+def skip_pattern_matches(pattern: str, name: str) -> bool:
+    """A ``QuantConfig.skip`` pattern against a qualified module name: the whole name, or a dotted
+    suffix of it (``q_proj`` matches ``model.layers.0.self_attn.q_proj``, not ``...self_attn.xq_proj``)."""
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
 
 
 def _choice(name: str, value, allowed) -> None:
@@ -72,7 +87,7 @@ class QuantConfig:
     n_samples: int = 128
     seqlen: int = 2048
     seed: int = 0
-    skip: Tuple[str, ...] = ("lm_head",)
+    skip: Tuple[str, ...] = DEFAULT_SKIP  # globs, whole name or dotted suffix (see skips())
     float_stream: str = "block"
     device: Optional[str] = None
     hessian_dtype: str = "float32"
@@ -205,6 +220,11 @@ class QuantConfig:
                 op = "⊙†"
             out = f"{ec} {op} {sc}"
         return out
+
+    def skips(self, name: str) -> bool:
+        """Whether ``skip`` leaves the module of qualified name ``name`` in float: some pattern p
+        matches ``name`` (``fnmatchcase``) or its dotted suffix (``name`` matches ``"*." + p``)."""
+        return any(skip_pattern_matches(p, name) for p in self.skip)
 
     # ------------------------------------------------------------------ (de)serialization
     def to_dict(self) -> Dict[str, Any]:

@@ -35,6 +35,14 @@ The k-th input a module receives in the float pass is paired with its k-th input
 Modules fed the very same input tensor object in one forward (q/k/v projections) share one
 accumulator: the input is accumulated once while ``H(name)`` answers for every member. The sharing
 is discovered on the first input and checked on every later one.
+
+"The very same input" is the same tensor object *not modified in place in between*, which the
+tensor's version counter tells. Under ``torch.inference_mode()`` the inputs are inference tensors,
+which have no version counter, so for them nothing is assumed: an inference tensor is never
+treated as an input already accumulated (each module accumulates its own; the same H, 1 to 3 times
+the work of the shared case), and a cross-pass input held for its partner is held as a private copy
+(a later in-place change cannot reach it). Accumulators are always created as normal tensors, so
+statistics gathered under inference_mode can be read, normalized and reduced outside it.
 """
 from __future__ import annotations
 
@@ -70,7 +78,7 @@ class _Held:
 
     kind: str
     x: Tensor
-    version: int
+    version: Optional[int]  # None: x is a private copy (of an inference tensor), nothing can change it
     tokens: int
 
 
@@ -80,7 +88,7 @@ class _Current:
 
     ref: "weakref.ref[Tensor]"
     key: int  # id() of the tensor, its key in HessianCollector._by_input
-    version: int
+    version: Optional[int]  # None: an inference tensor (no version counter), never shared
     pass_id: int
     consumers: set
 
@@ -297,7 +305,10 @@ class HessianCollector:
         if x.dim() == 0 or x.shape[-1] != D:
             raise ValueError(f"HessianCollector: {name!r} expects inputs [..., {D}], got {tuple(x.shape)}")
         acc = self._acc.get(name)
-        hit = self._by_input.get(id(x))
+        # inference tensors have no version counter: an in-place change between two consumers
+        # could not be seen, so such an input is never recognized as one already accumulated
+        tracked = not x.is_inference()
+        hit = self._by_input.get(id(x)) if tracked else None
         if hit is not None:
             cur = hit.current
             if cur is None or cur.ref() is not x or cur.version != x._version or \
@@ -326,8 +337,10 @@ class HessianCollector:
         self._check_complete(acc)
         if acc.current is not None and self._by_input.get(acc.current.key) is acc:
             del self._by_input[acc.current.key]
-        acc.current = _Current(weakref.ref(x), id(x), x._version, self._pass_id, {name})
-        self._by_input[id(x)] = acc
+        acc.current = _Current(weakref.ref(x), id(x), x._version if tracked else None, self._pass_id,
+                               {name})
+        if tracked:
+            self._by_input[id(x)] = acc
         acc.uses += 1
         self._accumulate(acc, kind, x.detach(), name)
 
@@ -354,12 +367,18 @@ class HessianCollector:
         for acc in {id(a): a for a in self._acc.values()}.values():
             self._check_complete(acc)
 
+    @staticmethod
+    def _zeros(acc: _Acc) -> Tensor:
+        # a normal tensor even inside inference_mode: pop() divides it in place, possibly outside
+        with torch.inference_mode(False):
+            return torch.zeros(acc.D, acc.D, dtype=acc.dtype, device=acc.device)
+
     def _accumulate(self, acc: _Acc, kind: str, x: Tensor, name: str) -> None:
         tokens = x.numel() // acc.D if acc.D else 0
         with torch.no_grad():
             if kind == "quant":
                 if acc.H is None:
-                    acc.H = torch.zeros(acc.D, acc.D, dtype=acc.dtype, device=acc.device)
+                    acc.H = self._zeros(acc)
                 ops.hessian_accumulate_(acc.H, x.to(acc.device))
                 acc.tokens += tokens
             if not self.cross:
@@ -372,14 +391,17 @@ class HessianCollector:
                         f"HessianCollector: {name!r} got {tokens} tokens in the {kind} pass but "
                         f"{held.tokens} in the paired {other} pass; paired passes must feed the "
                         "same batch")
-                if held.x._version != held.version:
+                if held.version is not None and held.x._version != held.version:
                     raise RuntimeError(f"HessianCollector: the {other}-pass input held for {name!r} "
                                        "was modified in place before its pair arrived")
                 x_q, x_fp = (x, held.x) if kind == "quant" else (held.x, x)
                 if acc.G is None:
-                    acc.G = torch.zeros(acc.D, acc.D, dtype=acc.dtype, device=acc.device)
+                    acc.G = self._zeros(acc)
                 ops.cross_accumulate_(acc.G, x_q.to(acc.device), x_fp.to(acc.device))
                 acc.paired_tokens += tokens
+            elif x.is_inference():  # no version counter: hold a private copy instead
+                dev = x.device if self.pending_device is None else self.pending_device
+                acc.held.append(_Held(kind, x.to(dev, copy=True), None, tokens))
             else:
                 keep = x if self.pending_device is None else x.to(self.pending_device)
                 acc.held.append(_Held(kind, keep, keep._version, tokens))

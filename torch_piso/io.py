@@ -35,6 +35,7 @@ FORMAT_NAME = "torch_piso.quantized"
 FORMAT_VERSION = 1
 MANIFEST = "quantized.json"
 TENSORS_FILE = "model.safetensors"
+_MODULE_KEYS = frozenset({"bits", "group_size", "in_features", "out_features", "bias"})
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
@@ -107,23 +108,35 @@ def _dedup_state_dict(sd: dict[str, torch.Tensor]):
     return unique, aliases
 
 
+def check_save_target(directory: Union[str, os.PathLike], what: str = "save_quantized") -> Path:
+    """The rule :func:`save_quantized` follows, for callers that want to fail before hours of work
+    (the CLI checks ``--out`` before loading the model): ``directory`` may be missing, empty, or a
+    torch_piso save (which is replaced); anything else raises FileExistsError naming ``what``.
+    Returns the path a save writes to: symbolic links resolved, so that saving through a link
+    replaces the directory it points to and leaves the link in place."""
+    target = Path(os.path.realpath(directory))
+    if target.exists():
+        if not target.is_dir():
+            raise FileExistsError(f"{what}: {target} exists and is not a directory")
+        if any(target.iterdir()) and not (target / MANIFEST).exists():
+            raise FileExistsError(f"{what}: {target} exists, is not empty and is not a "
+                                  f"torch_piso save; refusing to overwrite it")
+    return target
+
+
 def save_quantized(model: nn.Module, directory: Union[str, os.PathLike],
                    config: Optional[dict] = None) -> Path:
     """Writes ``model`` (with its QuantLinear modules) to ``directory`` atomically.
 
     ``config`` is the quantization config (any JSON-able dict, or an object with ``to_dict``); the
     model's own config is taken from ``model.config.to_dict()`` when present. An existing directory is
-    replaced only if it is itself a torch_piso save (never an unrelated directory).
+    replaced only if it is itself a torch_piso save (never an unrelated directory); replaced whole,
+    so files added to it since are gone. A symbolic link is followed: the save replaces the
+    directory it points to, the link stays. Returns the (resolved) directory written.
     """
     from safetensors.torch import save_file
 
-    target = Path(directory)
-    if target.exists():
-        if not target.is_dir():
-            raise FileExistsError(f"save_quantized: {target} exists and is not a directory")
-        if any(target.iterdir()) and not (target / MANIFEST).exists():
-            raise FileExistsError(f"save_quantized: {target} exists, is not empty and is not a "
-                                  f"torch_piso save; refusing to overwrite it")
+    target = check_save_target(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
 
     quantized = {}
@@ -199,6 +212,12 @@ def read_manifest(directory: Union[str, os.PathLike], verify: bool = True) -> di
     for key in ("files", "tensors", "aliases", "quantized_modules"):
         if not isinstance(manifest.get(key), dict):
             raise QuantizedCheckpointError(f"{mpath}: missing or malformed {key!r}")
+    if TENSORS_FILE not in manifest["files"]:
+        raise QuantizedCheckpointError(f"{mpath}: 'files' does not list {TENSORS_FILE} (its size and "
+                                       f"sha256 are what make the tensors trustworthy)")
+    for fname, meta in manifest["files"].items():
+        if not isinstance(meta, dict):
+            raise QuantizedCheckpointError(f"{mpath}: malformed 'files' entry for {fname!r}")
     if verify:
         for fname, meta in manifest["files"].items():
             p = d / fname
@@ -236,8 +255,10 @@ def load_quantized(directory: Union[str, os.PathLike],
 
     ``model``: an ``nn.Module`` of the original (unquantized) architecture, modified in place; or a
     factory called as ``factory(model_config_dict)`` (or with no argument if it takes none); or None
-    to rebuild a transformers model from the saved model config. The QuantLinear modules named in the
-    manifest are swapped in, then every tensor is checked (present, shape, dtype) and loaded.
+    to rebuild a transformers model from the saved model config -- returned in eval mode, like
+    ``from_pretrained`` (a given model or a factory's model keeps the mode it was made in). The
+    QuantLinear modules named in the manifest are swapped in, then every tensor is checked
+    (present, shape, dtype) and loaded.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -248,7 +269,8 @@ def load_quantized(directory: Union[str, os.PathLike],
         if not manifest.get("model_config"):
             raise QuantizedCheckpointError(f"{d}: the manifest holds no model_config; pass a model "
                                            f"or a factory to load_quantized")
-        model = build_hf_model(manifest["model_config"], manifest.get("model_class"))
+        # from_config builds in training mode: dropout would make every forward differ
+        model = build_hf_model(manifest["model_config"], manifest.get("model_class")).eval()
     elif not isinstance(model, nn.Module):
         takes_arg = True
         try:
@@ -262,6 +284,9 @@ def load_quantized(directory: Union[str, os.PathLike],
     # Swap in empty QuantLinear modules of the saved shapes.
     new = {}
     for name, info in manifest["quantized_modules"].items():
+        if not isinstance(info, dict) or not _MODULE_KEYS <= info.keys():
+            raise QuantizedCheckpointError(f"{d}: quantized module {name!r}: malformed manifest entry "
+                                           f"{info!r} (needs {sorted(_MODULE_KEYS)})")
         try:
             old = model.get_submodule(name)
         except AttributeError as exc:
@@ -274,8 +299,13 @@ def load_quantized(directory: Union[str, os.PathLike],
             raise QuantizedCheckpointError(
                 f"{d}: module {name!r} is {old.in_features}->{old.out_features} in the model but "
                 f"{info['in_features']}->{info['out_features']} in the checkpoint")
-        new[name] = QuantLinear(info["in_features"], info["out_features"], info["bits"],
-                                info["group_size"], bias=info["bias"], device="meta")
+        try:
+            q = QuantLinear(info["in_features"], info["out_features"], info["bits"], info["group_size"],
+                            bias=info["bias"], device="meta")
+        except (TypeError, ValueError) as exc:  # a manifest edited by hand, not our save
+            raise QuantizedCheckpointError(f"{d}: quantized module {name!r}: bad manifest entry "
+                                           f"({exc})") from exc
+        new[name] = q.train(old.training)
     replace_linear(model, new)
 
     try:

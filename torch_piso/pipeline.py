@@ -4,8 +4,9 @@
 of an HF Llama / Qwen causal LM in place (nn.Linear → QuantLinear), one block at a time on
 ``config.device`` with activations on CPU between blocks:
 
-1. capture the inputs of block 0 (hidden states + the keyword arguments the blocks need) with a
-   forward pre-hook on ``layers[0]`` that stops the forward;
+1. capture the inputs of block 0 (hidden states) and the keyword arguments of every block (masks,
+   position embeddings: sliding-window Qwen layers get another mask than full-attention ones) with
+   pass-through recorders in place of the blocks' forwards, so no float block runs;
 2. per block, per group of linears sharing an input (q,k,v → o → gate,up → down, observed with
    hooks): accumulate H = X̃ᵀX̃/T from the quantized stream (already-quantized predecessors in the
    block included) and, for the cross objective, G = X̃ᵀX/T with X from the paired float pass
@@ -30,11 +31,11 @@ per token (H, G are /T):
 from __future__ import annotations
 
 import copy
-import fnmatch
 import json
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -43,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .config import QuantConfig
+from .config import DEFAULT_SKIP, QuantConfig, skip_pattern_matches
 from .hessian import HessianCollector
 from .models import DecoderParts, block_linears, find_decoder
 from .nn import QuantLinear, replace_linear
@@ -62,15 +63,21 @@ class _Stop(Exception):
 # ---------------------------------------------------------------------------------------------
 # small helpers
 # ---------------------------------------------------------------------------------------------
-def _tree_to(obj, device):
+def _tree_to(obj, device, memo: Optional[Dict[int, Tensor]] = None):
+    """obj with every tensor moved to device; with `memo` (id → copy), a tensor met twice is
+    copied once and the copies share it as the originals did."""
     if isinstance(obj, Tensor):
-        return obj.to(device)
+        if memo is None:
+            return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device)
+        return memo[id(obj)]
     if isinstance(obj, tuple):
-        return tuple(_tree_to(o, device) for o in obj)
+        return tuple(_tree_to(o, device, memo) for o in obj)
     if isinstance(obj, list):
-        return [_tree_to(o, device) for o in obj]
+        return [_tree_to(o, device, memo) for o in obj]
     if isinstance(obj, dict):
-        return {k: _tree_to(v, device) for k, v in obj.items()}
+        return {k: _tree_to(v, device, memo) for k, v in obj.items()}
     return obj
 
 
@@ -172,49 +179,96 @@ def _tqdm(iterable=None, **kw):
 
 
 # ---------------------------------------------------------------------------------------------
-# capture of block-0 inputs
+# capture of block-0 inputs and of every block's keyword arguments
 # ---------------------------------------------------------------------------------------------
+_DROPPED_KWARGS = ("past_key_value", "past_key_values", "cache", "use_cache")
+
+
 def _capture(model: nn.Module, parts: DecoderParts, samples: List[Tensor], progress: bool
-             ) -> Tuple[List[Tensor], List[dict]]:
-    """Block-0 inputs (CPU) and per-sample block kwargs (CPU; shared among equal lengths)."""
+             ) -> Tuple[List[Tensor], List[List[dict]]]:
+    """Block-0 inputs (CPU) and, per sample, the keyword arguments of every block (CPU).
+
+    Blocks need not all receive the same kwargs: HF Qwen2/Qwen3 with sliding-window layers
+    (``config.layer_types`` mixing full and sliding attention) give each block the mask of its own
+    attention type. So every block's ``forward`` is replaced, for the capture, by a recorder that
+    keeps the kwargs of its first call and hands its input through unchanged: no float block runs
+    (the point of block-by-block calibration), and the last recorder ends the forward. The kwargs
+    are copied to CPU with a memo by tensor identity, so a tensor passed to many blocks (the rotary
+    cos/sin, a mask shared by every layer of one type) is stored once, and blocks whose kwargs are
+    the same objects share one dict (their device copies are then made once per block, not per
+    kwarg set). Samples of equal length share one list: without padding the kwargs depend only on
+    the length."""
+    layers = parts.layers
+    n = len(layers)
     inps: List[Tensor] = []
-    kws: List[dict] = []
-    by_len: Dict[int, dict] = {}
-    slot: Dict[str, Any] = {}
+    kws: List[List[dict]] = []
+    by_len: Dict[int, List[dict]] = {}
+    seen: List[Optional[Tuple[tuple, dict]]] = [None] * n
 
-    def pre_hook(module, args, kwargs):
-        kwargs = dict(kwargs)
-        x = args[0] if args else kwargs.pop("hidden_states")
-        slot["x"] = x.detach().cpu()
-        slot["args"] = tuple(args[1:])
-        slot["kw"] = kwargs
-        raise _Stop
+    def recorder(i):
+        def forward(*args, **kwargs):
+            if seen[i] is None:
+                if args:
+                    x = args[0]
+                    extra = args[1:]
+                else:
+                    x = kwargs.pop("hidden_states", None)
+                    extra = ()
+                if not isinstance(x, Tensor):
+                    raise RuntimeError(f"quantize_model: decoder block {i} was not given its hidden "
+                                       "states as the first argument")
+                if extra:
+                    raise RuntimeError("quantize_model: the decoder blocks receive extra positional "
+                                       "arguments; only hidden_states + keyword arguments are supported")
+                seen[i] = (x.detach().cpu() if i == 0 else None,
+                           {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS})
+            if i == n - 1:
+                raise _Stop
+            # pass-through: the next recorder only needs to be reached, its input value is unused
+            return args[0] if args else kwargs["hidden_states"]
 
-    h = parts.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+        return forward
+
+    # an instance attribute shadows the class's forward; hooks, and attributes the model's loop
+    # reads from its blocks (e.g. attention_type), stay in place. A forward already set on the
+    # instance (accelerate's offload hooks wrap it so) is put back afterwards.
+    own_forward = {i: b.__dict__["forward"] for i, b in enumerate(layers) if "forward" in b.__dict__}
+    for i, block in enumerate(layers):
+        block.forward = recorder(i)
     dev = parts.embed_tokens.weight.device
     try:
         with torch.no_grad():
             for ids in _tqdm(samples, desc="calibration: embedding", disable=not progress, leave=False):
+                seen[:] = [None] * n
                 try:
                     model(input_ids=ids.to(dev), use_cache=False)
                 except _Stop:
                     pass
-                else:
-                    raise RuntimeError("quantize_model: the model's forward never reached its first "
-                                       "decoder block")
-                if slot["args"]:
-                    raise RuntimeError("quantize_model: the decoder blocks receive extra positional "
-                                       "arguments; only hidden_states + keyword arguments are supported")
-                kw = {k: v for k, v in slot["kw"].items()
-                      if k not in ("past_key_value", "past_key_values", "use_cache")}
-                kw["use_cache"] = False
+                missing = [i for i in range(n) if seen[i] is None]
+                if missing:
+                    raise RuntimeError(f"quantize_model: the model's forward never reached decoder "
+                                       f"block(s) {missing}")
                 L = ids.shape[1]
                 if L not in by_len:
-                    by_len[L] = _tree_to(kw, "cpu")
-                inps.append(slot["x"])
+                    memo: Dict[int, Any] = {}
+                    dicts: Dict[tuple, dict] = {}
+                    per_block = []
+                    for _, kw in seen:
+                        key = tuple(sorted((k, id(v)) for k, v in kw.items()))
+                        if key not in dicts:
+                            d = _tree_to(kw, "cpu", memo)
+                            d["use_cache"] = False
+                            dicts[key] = d
+                        per_block.append(dicts[key])
+                    by_len[L] = per_block
+                inps.append(seen[0][0])
                 kws.append(by_len[L])
     finally:
-        h.remove()
+        for i, block in enumerate(layers):
+            if i in own_forward:
+                block.forward = own_forward[i]
+            elif "forward" in block.__dict__:
+                del block.forward
     return inps, kws
 
 
@@ -243,7 +297,7 @@ class _Runner:
         self.resumed_blocks: List[str] = []
 
     def _skipped(self, qual: str) -> bool:
-        return any(fnmatch.fnmatchcase(qual, p) for p in self.cfg.skip)
+        return self.cfg.skips(qual)
 
     def _run_until(self, root: nn.Module, names: Sequence[str], x: Tensor, kw: dict):
         """Forward of `root` on x, stopped once every module in `names` has run."""
@@ -407,12 +461,14 @@ class _Runner:
                     self.dist.begin_block(i, mode)
                 block.to(dev)
                 cache: Dict[int, dict] = {}
+                memo: Dict[int, Tensor] = {}
 
-                def kws_dev(j, cache=cache):
-                    k = id(kws[j])
-                    if k not in cache:
-                        cache[k] = _tree_to(kws[j], dev)
-                    return cache[k]
+                def kws_dev(j, i=i, cache=cache, memo=memo):
+                    """Sample j's kwargs for block i, on the device (one copy per distinct tensor)."""
+                    kw = kws[j][i]
+                    if id(kw) not in cache:
+                        cache[id(kw)] = _tree_to(kw, dev, memo)
+                    return cache[id(kw)]
 
                 with torch.no_grad():
                     groups = block_linears(block, run=lambda b: b(inps[0].to(dev), **kws_dev(0)))
@@ -536,21 +592,34 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _resolve_device(cfg: QuantConfig) -> torch.device:
-    if cfg.device is None:
+def resolve_device(device, what: str = "QuantConfig.device") -> torch.device:
+    """The device the pipeline runs on: None → cuda when usable, else cpu. A cuda device without
+    CUDA (or without torch_piso's CUDA kernels) is a RuntimeError naming ``what`` -- the CLI calls
+    this before loading a model."""
+    if device is None:
         if torch.cuda.is_available() and ops.has_cuda_kernels():
             return torch.device("cuda")
         return torch.device("cpu")
-    dev = torch.device(cfg.device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise RuntimeError(f"{what}={device!r}: not a device ({exc})") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"QuantConfig.device={cfg.device!r}: CUDA is not available")
+            raise RuntimeError(f"{what}={device!r}: CUDA is not available")
         if not ops.has_cuda_kernels():
-            raise RuntimeError(f"QuantConfig.device={cfg.device!r}: torch_piso was built without CUDA "
+            raise RuntimeError(f"{what}={device!r}: torch_piso was built without CUDA "
                                "kernels; use device='cpu' or rebuild")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RuntimeError(f"{what}={device!r}: there are {torch.cuda.device_count()} CUDA "
+                               "device(s)")
     elif dev.type != "cpu":
-        raise RuntimeError(f"QuantConfig.device={cfg.device!r}: only cpu and cuda are supported")
+        raise RuntimeError(f"{what}={device!r}: only cpu and cuda are supported")
     return dev
+
+
+def _resolve_device(cfg: QuantConfig) -> torch.device:
+    return resolve_device(cfg.device)
 
 
 def quantize_model_with_report(model: nn.Module, calibration, config: QuantConfig, *,
@@ -563,10 +632,29 @@ def quantize_model_with_report(model: nn.Module, calibration, config: QuantConfi
     checkpoint_dir: write each finished block there (atomically) and, on a rerun with the same
     model, calibration and recipe, resume after the last finished block (torch_piso.distributed).
     _dist: a torch_piso.distributed.DistContext (use quantize_model_distributed)."""
+    # Called under torch.inference_mode(), every tensor made here would be an inference tensor:
+    # QuantLinear buffers and block weights moved between devices that the caller could then never
+    # update in place (load_state_dict, .to_()), and activations without the version counter
+    # HessianCollector's input sharing relies on. No autograd is needed either way.
+    with torch.inference_mode(False), torch.no_grad():
+        return _quantize_model_with_report(model, calibration, config, progress=progress,
+                                           output_dir=output_dir, log=log, _spy=_spy,
+                                           checkpoint_dir=checkpoint_dir, _dist=_dist)
+
+
+def _quantize_model_with_report(model, calibration, config, *, progress, output_dir, log, _spy,
+                                checkpoint_dir, _dist):
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config: expected a QuantConfig, got {type(config).__name__}")
     cfg = config
     log = log or (lambda s: None)
+    # before find_decoder: blocks without nn.Linear left would be "not a supported model"
+    done = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)] \
+        if isinstance(model, nn.Module) else []
+    if done:
+        raise ValueError(f"quantize_model: the model is already quantized ({len(done)} QuantLinear "
+                         f"modules, e.g. {done[:3]}); quantize_model takes a float model -- reload "
+                         "the original to quantize it with another recipe")
     parts = find_decoder(model)
     vocab = parts.embed_tokens.num_embeddings if isinstance(parts.embed_tokens, nn.Embedding) else None
     samples = _prepare_calibration(calibration, vocab)
@@ -577,15 +665,27 @@ def quantize_model_with_report(model: nn.Module, calibration, config: QuantConfi
             if not isinstance(m, nn.Linear):
                 continue
             qual = f"{parts.layers_name}.{i}.{n}"
-            if any(fnmatch.fnmatchcase(qual, p) for p in cfg.skip):
+            if cfg.skips(qual):
                 continue
             if cfg.group_size > 0 and m.in_features % cfg.group_size != 0:
                 raise ValueError(f"QuantConfig.group_size={cfg.group_size} does not divide in_features="
                                  f"{m.in_features} of module {qual!r}; choose a divisor of every "
                                  "quantized layer's in_features or skip the module")
+            # found in block 1 only after block 0 was replaced, a NaN left a half-quantized model
+            for pname in ("weight", "bias"):
+                t = getattr(m, pname, None)
+                if isinstance(t, Tensor) and t.device.type != "meta" and not torch.isfinite(t).all():
+                    bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+                    raise ValueError(f"quantize_model: module {qual!r} has a non-finite {pname} "
+                                     f"(NaN or Inf, first at index {bad}); nothing was quantized")
             quantized_names.append(qual)
     if not quantized_names:
         raise ValueError("quantize_model: no nn.Linear left to quantize (all skipped?)")
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for p in cfg.skip:
+        if p not in DEFAULT_SKIP and not any(skip_pattern_matches(p, n) for n in linears):
+            warnings.warn(f"QuantConfig.skip: pattern {p!r} matches no nn.Linear of the model (names "
+                          f"look like {linears[0]!r}); it skips nothing", stacklevel=3)
     dev = _resolve_device(cfg)
     all_samples = samples
     ckpt = None
