@@ -94,7 +94,7 @@ SweepResult sweep_event_parallel(const at::Tensor& W, const at::Tensor& lin, con
     const char* env = std::getenv("PISO_CUDA_EVENT_U");
     const bool counts_only = env != nullptr && std::string(env) == "counts";
     at::Tensor U;
-    if (W.is_cuda() && Lmax <= 8 && d <= 65535 && !counts_only) {
+    if (W.is_cuda() && Lmax <= 8 && d <= 65535 && !counts_only && event_u_prefix_fits(A, Lmax)) {
       U = event_u_prefix_cuda(A, SL, H, qmin, qmax);
     } else {
       const auto Hd = H.to(at::kDouble);  // the count kernels read float64 H

@@ -87,6 +87,9 @@ at::Tensor event_u_cuda(const at::Tensor& A, const at::Tensor& SL, const at::Ten
 // 2^(b-1) n d exact counts), for grids up to 4 bits (max(qmax, -qmin) <= 8). H float32 or float64.
 at::Tensor event_u_prefix_cuda(const at::Tensor& A, const at::Tensor& SL, const at::Tensor& H,
                                int64_t qmin, int64_t qmax);
+// Whether the prefix kernel's shared memory for this grid fits the device of A (it needs the
+// opt-in above 48 KB: 72 KB at Lmax = 8, more than e.g. sm_75 allows); else use event_u_cuda.
+bool event_u_prefix_fits(const at::Tensor& A, int64_t Lmax);
 #endif
 
 }  // namespace detail

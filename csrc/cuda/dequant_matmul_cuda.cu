@@ -147,10 +147,17 @@ at::Tensor dequant_matmul_cuda(const at::Tensor& x, const at::Tensor& packed_in,
           x2.data_ptr<scalar_t>(), pk, scales.data_ptr<acc_t>(), bp, y.data_ptr<scalar_t>(), d.M,
           d.N, d.D, d.W, d.gs, d.ng, nbits);
     } else {
-      const dim3 grid((d.N + kBN - 1) / kBN, (d.M + kBM - 1) / kBM);
-      tiled_kernel<scalar_t, acc_t><<<grid, kTileThreads, 0, stream>>>(
-          x2.data_ptr<scalar_t>(), pk, scales.data_ptr<acc_t>(), bp, y.data_ptr<scalar_t>(), d.M,
-          d.N, d.D, d.W, d.gs, d.ng, nbits);
+      // Token tiles go on grid.y, at most 65535 of them per launch: longer inputs in chunks.
+      const int64_t rows_per_launch = int64_t{65535} * kBM;
+      for (int64_t m0 = 0; m0 < d.M; m0 += rows_per_launch) {
+        const int64_t mc = std::min(rows_per_launch, d.M - m0);
+        const dim3 grid((d.N + kBN - 1) / kBN, (mc + kBM - 1) / kBM);
+        tiled_kernel<scalar_t, acc_t><<<grid, kTileThreads, 0, stream>>>(
+            x2.data_ptr<scalar_t>() + m0 * d.D, pk, scales.data_ptr<acc_t>(), bp,
+            y.data_ptr<scalar_t>() + m0 * d.N, mc, d.N, d.D, d.W, d.gs, d.ng, nbits);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      return;
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

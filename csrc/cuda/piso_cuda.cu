@@ -82,7 +82,8 @@ __global__ void event_u_kernel(const double* __restrict__ A, const int* __restri
           int after;
           const int before = count_above(a[j0 + t], abs(s), sigma, &after);
           const double cnt = static_cast<double>(before + after);
-          acc += Hs[t] * (s > 0 ? cnt : -cnt);
+          // Explicit roundings: no fused multiply-add, the same sum as the CPU twin (event_u_cpu).
+          acc = __dadd_rn(acc, __dmul_rn(Hs[t], s > 0 ? cnt : -cnt));
         }
       }
     }
@@ -251,6 +252,18 @@ at::Tensor event_u_cuda(const at::Tensor& A, const at::Tensor& SL, const at::Ten
 namespace piso {
 namespace detail {
 
+// Dynamic (staged positions) plus static (the ord chunk) shared memory of prefix_stream_kernel.
+static size_t prefix_stream_smem(int64_t Lmax) {
+  return static_cast<size_t>(Lmax * 2 * Lmax * kStreamThreads) * sizeof(uint16_t);
+}
+
+bool event_u_prefix_fits(const at::Tensor& A, int64_t Lmax) {
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        A.device().index()));
+  return prefix_stream_smem(Lmax) + kOrdChunk * sizeof(int32_t) <= static_cast<size_t>(optin);
+}
+
 at::Tensor event_u_prefix_cuda(const at::Tensor& A, const at::Tensor& SL, const at::Tensor& H,
                                int64_t qmin, int64_t qmax) {
   TORCH_INTERNAL_ASSERT(A.is_cuda() && SL.is_cuda() && H.is_cuda());
@@ -279,7 +292,9 @@ at::Tensor event_u_prefix_cuda(const at::Tensor& A, const at::Tensor& SL, const 
   const auto nnz = (Ac > 0).sum(1).to(at::kInt).contiguous();
   const auto half = at::arange(Lmax, Ac.options()).add_(0.5).view({1, Lmax, 1});
   const auto Ks = (as.unsqueeze(1) / half).contiguous();  // [R, Lmax, d], the sort keys' division
-  auto P = at::empty({R, Lmax, d, 2 * Lmax}, Sc.options());
+  // zeros: the merge stops at a key that underflowed to 0 (|w| of a few denormal ulps), leaving
+  // the rest of that row's positions unwritten.
+  auto P = at::zeros({R, Lmax, d, 2 * Lmax}, Sc.options());
   auto stream = at::cuda::getCurrentCUDAStream();
   {
     const int64_t threads = R * Lmax * Lmax;
@@ -290,7 +305,7 @@ at::Tensor event_u_prefix_cuda(const at::Tensor& A, const at::Tensor& SL, const 
   }
   const int64_t tiles = (d + kStreamThreads - 1) / kStreamThreads;
   TORCH_CHECK(R * tiles < (int64_t(1) << 31), "_piso_sweep: too many rows for one launch");
-  const size_t smem = static_cast<size_t>(Lmax * 2 * Lmax * kStreamThreads) * sizeof(uint16_t);
+  const size_t smem = prefix_stream_smem(Lmax);
   AT_DISPATCH_FLOATING_TYPES(Hc.scalar_type(), "prefix_stream", [&] {
     C10_CUDA_CHECK(cudaFuncSetAttribute(prefix_stream_kernel<scalar_t>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
