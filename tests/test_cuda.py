@@ -280,6 +280,20 @@ def test_dequant_matmul_cuda_matches_float64_reference(bits, M):
         assert rel < tol, (dt, rel)
 
 
+@pytest.mark.skipif(DEV == "cpu", reason="a 4.2M-token input: the CUDA launch-size path only")
+def test_dequant_matmul_cuda_more_token_tiles_than_one_launch_holds():
+    """65535 token tiles of 64 per launch (grid.y): a longer input runs in chunks, every row right."""
+    gen = torch.Generator().manual_seed(5)
+    N, D, bits = 16, 8, 4
+    M = 65535 * 64 + 100
+    codes = torch.randint(-8, 8, (N, D), generator=gen, dtype=torch.int8)
+    scales = torch.rand(N, generator=gen) + 0.5
+    x = torch.randn(M, D, generator=gen)
+    y = ops.dequant_matmul(x.to(DEV), ops.pack(codes.to(DEV), bits), scales.to(DEV), bits, -1, D)
+    ref = x @ (codes.float() * scales[:, None]).T
+    torch.testing.assert_close(y.cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # The pipeline on CUDA: same model as on CPU (up to float32 summation order)
 # ------------------------------------------------------------------------------------------------
