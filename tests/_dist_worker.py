@@ -28,6 +28,8 @@ def main():
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=16)
+    ap.add_argument("--subgroup", default=None,
+                    help="global ranks (comma-separated) that quantize in a subgroup; the rest wait")
     a = ap.parse_args()
 
     from safetensors.torch import save_file
@@ -41,6 +43,20 @@ def main():
     ctx = init_distributed(a.backend, timeout_s=a.timeout)
     rank = ctx.rank
     ctx.close()
+    group = None
+    if a.subgroup is not None:
+        import torch.distributed as dist
+
+        members = [int(r) for r in a.subgroup.split(",")]
+        group = dist.new_group(members)  # every rank takes part in creating it
+        if rank not in members:
+            from torch_piso.distributed import finish_distributed
+
+            finish_distributed()
+            return
+        rank = dist.get_rank(group)  # rank 0 of the subgroup writes the results
+    if a.checkpoint is not None:
+        a.checkpoint = a.checkpoint.replace("{rank}", str(rank))
     dev = "cuda" if a.backend == "nccl" else "cpu"
     try:
         jobs = [(arch, r) for arch, rs in zip(a.arch.split(";"), a.recipes.split(";"))
@@ -58,7 +74,8 @@ def main():
                                      **{k: json.loads(v) for k, v in (x.split("=", 1) for x in a.set)})
             t0 = time.perf_counter()
             model, report = quantize_model_distributed(model, calib, cfg, checkpoint_dir=a.checkpoint,
-                                                       timeout_s=a.timeout, progress=False, log=None)
+                                                       group=group, timeout_s=a.timeout,
+                                                       progress=False, log=None)
             wall = time.perf_counter() - t0
             if rank == 0:
                 t = {}

@@ -269,3 +269,13 @@ def test_cuda_device_from_the_config_file_is_checked_too(assets, tmp_path, capsy
     assert main(["quantize", "--model", str(model_dir), "--text", str(text),
                  "--config", str(tmp_path / "c.yaml"), "--quiet"]) == 2
     assert "QuantConfig.device='cuda': CUDA is not available" in capsys.readouterr().err
+
+
+def test_checkpoint_dir_inside_out_is_refused_before_loading_the_model(assets, tmp_path, capsys,
+                                                                       no_model_load):
+    """The save replaces --out as a whole: a checkpoint inside it would block (or be lost to) it."""
+    for ck in (tmp_path / "o" / "ckpt", tmp_path / "o"):
+        capsys.readouterr()
+        assert _quantize(assets, tmp_path / "o", "--checkpoint-dir", str(ck)) == 2
+        assert "lies inside --out" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

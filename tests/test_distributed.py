@@ -387,3 +387,47 @@ def test_cli_quantize_under_torchrun_equals_single_process_cli(tmp_path):
     assert packed and all(torch.equal(a[k], b[k]) for k in packed)
     assert all(torch.allclose(a[k], b[k], rtol=1e-5) for k in a if k.endswith(".scales"))
     assert json.loads((tmp_path / "ckpt" / "manifest.json").read_text())["blocks"]
+
+
+def test_a_subgroup_whose_ranks_are_not_the_global_ones_equals_single_process(tmp_path):
+    """group=new_group([1, 2]) of 3 ranks: owners are group ranks, collectives name global ranks."""
+    _ok(launch(3, ["--arch", "llama", "--recipes", "gptq*piso", "--out", tmp_path, "--samples",
+                   SAMPLES, "--seqlen", SEQLEN, "--hessian-dtype", "float64", "--subgroup", "1,2",
+                   "--timeout", 90], timeout=240))
+    _check_equal(tmp_path, "llama", ["gptq*piso"])
+
+
+def test_rank_local_checkpoint_directories_are_refused_at_setup(tmp_path):
+    """Every rank must see rank 0's checkpoint files; per-rank directories fail before any work."""
+    res = launch(2, ["--arch", "llama", "--recipes", "rtn-piso", "--out", tmp_path, "--checkpoint",
+                     tmp_path / "ck_{rank}"], timeout=90)
+    assert all(rc not in (0, None) for rc, _ in res), res  # both stop, neither hangs
+    assert all("CheckpointMismatchError" in err and "rank(s) [1] do not see the manifest" in err
+               for _, err in res)
+    assert not list(tmp_path.glob("*.safetensors"))  # no result: nothing was quantized
+
+
+def test_a_writer_reopening_a_checkpoint_removes_temporaries_of_a_killed_save(tmp_path):
+    ident = {"config": {"bits": 4}, "model": "m", "calibration": "c"}
+    ck = BlockCheckpoint(tmp_path, ident)
+    ck.save("final", 0, {"q": (torch.zeros(2, 3, dtype=torch.int8), torch.ones(2))}, [])
+    stale = tmp_path / ".final-block1.safetensors.tmp-4242"
+    stale.write_bytes(b"half a file")
+    BlockCheckpoint(tmp_path, ident, writer=False)
+    assert stale.exists()  # readers leave it
+    ck2 = BlockCheckpoint(tmp_path, ident)
+    assert not stale.exists() and ck2.has("final", 0) and ck2.visible()
+
+
+def test_model_fingerprint_sees_an_edit_the_strided_sample_misses():
+    from torch_piso.distributed import model_fingerprint
+    from torch_piso.models import tiny_model
+
+    m = tiny_model("llama", seed=0, num_hidden_layers=1)
+    before = model_fingerprint(m, samples_per_tensor=4)
+    W = m.model.layers[0].mlp.gate_proj.weight
+    with torch.no_grad():
+        W[:, 1::2] += 0.5  # the sample (every numel/4-th element) sees column 0 only
+    flat = W.detach().reshape(-1)
+    assert all(int(i) % W.shape[1] == 0 for i in range(0, flat.numel(), flat.numel() // 4))
+    assert model_fingerprint(m, samples_per_tensor=4) != before

@@ -178,6 +178,13 @@ def cmd_quantize(args) -> int:
     _check_device(cfg.device, "--device" if args.device else "QuantConfig.device")
     if args.out:
         check_save_target(args.out, "--out")
+        if args.checkpoint_dir:
+            out, ck = Path(args.out).resolve(), Path(args.checkpoint_dir).resolve()
+            if ck == out or out in ck.parents:
+                # the save replaces --out as a whole: a checkpoint inside it would block the save
+                # (or be deleted by it)
+                raise CliError(f"--checkpoint-dir {args.checkpoint_dir} lies inside --out "
+                               f"{args.out}; give it a directory outside the output")
     print(f"# config: {cfg.label if hasattr(cfg, 'label') else ''} {cfg.to_dict()}")
     t0 = time.perf_counter()
     model, tok = load_model(args.model)

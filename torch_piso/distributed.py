@@ -151,6 +151,10 @@ class DistContext:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        # group rank -> global rank: collectives name their source by global rank, and the
+        # heartbeat keys must not collide with ranks outside a subgroup
+        self._global = ([dist.get_global_rank(group, r) for r in range(self.world_size)]
+                        if group is not None else list(range(self.world_size)))
         self.backend = dist.get_backend(group)
         self.timeout_s = float(timeout_s)
         self.heartbeat_s = float(heartbeat_s)
@@ -181,14 +185,14 @@ class DistContext:
         except Exception:  # noqa: BLE001 - liveness reports are best effort
             self._store = None
             return
-        self._store.set(f"hb/{self.rank}", repr(time.time()))
+        self._store.set(f"hb/{self._global[self.rank]}", repr(time.time()))
 
         store = self._store
 
         def beat():
             while not self._stop.wait(self.heartbeat_s):
                 try:
-                    store.set(f"hb/{self.rank}", repr(time.time()))
+                    store.set(f"hb/{self._global[self.rank]}", repr(time.time()))
                 except Exception:  # noqa: BLE001
                     return
 
@@ -213,7 +217,8 @@ class DistContext:
     def _mark(self, block, what):
         if self._store is not None:
             try:
-                self._store.set(f"progress/{self.rank}", json.dumps([block, what, time.time()]))
+                self._store.set(f"progress/{self._global[self.rank]}",
+                                json.dumps([block, what, time.time()]))
             except Exception:  # noqa: BLE001
                 pass
 
@@ -225,14 +230,17 @@ class DistContext:
         others = [r for r in range(self.world_size) if r != self.rank]
 
         def beats():
-            return {r: float(self._store.get(f"hb/{r}")) if self._store.check([f"hb/{r}"]) else None
-                    for r in others}
+            return {r: float(self._store.get(f"hb/{self._global[r]}"))
+                    if self._store.check([f"hb/{self._global[r]}"]) else None for r in others}
+
+        def progress(r):
+            key = f"progress/{self._global[r]}"
+            return json.loads(self._store.get(key)) if self._store.check([key]) else None
 
         try:
             first = beats()
             # first word, before waiting: a launcher (torchrun) may stop this rank any moment now
-            marks = {r: json.loads(self._store.get(f"progress/{r}")) if
-                     self._store.check([f"progress/{r}"]) else None for r in others}
+            marks = {r: progress(r) for r in others}
             off = {r: m for r, m in marks.items() if not m or m[0] != self.block or m[1] != what}
             print(f"torch_piso [rank {self.rank}]: collective '{what}' failed in block {self.block}; "
                   f"ranks not at this step: " + (", ".join(
@@ -245,8 +253,7 @@ class DistContext:
             now = time.time()
             for r in others:
                 hb = second[r] if second[r] != first[r] else None
-                pr = json.loads(self._store.get(f"progress/{r}")) if \
-                    self._store.check([f"progress/{r}"]) else None
+                pr = progress(r)
                 where = f"last at block {pr[0]} ({pr[1]})" if pr else "no progress recorded"
                 if hb is None:
                     bad.append(r)
@@ -299,10 +306,14 @@ class DistContext:
             t.copy_(x)
         return t
 
+    def global_rank(self, r: int) -> int:
+        """The global rank of this group's rank ``r`` (what ``src=`` of a collective means)."""
+        return self._global[r]
+
     def broadcast_(self, t: Tensor, src: int) -> Tensor:
         dev = t.device
         x = t if dev == self.comm_device else t.to(self.comm_device)
-        self.dist.broadcast(x, src=src, group=self.group)
+        self.dist.broadcast(x, src=self.global_rank(src), group=self.group)
         if x is not t:
             t.copy_(x)
         return t
@@ -360,8 +371,10 @@ def _sha256_bytes(*chunks: bytes) -> str:
 
 
 def model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
-    """Cheap identity of a model's float weights: every parameter's name, shape, dtype and a strided
-    sample of its values (hashing 70B parameters in full would take minutes)."""
+    """Cheap identity of a model's float weights: every parameter's name, shape, dtype, a strided
+    sample of its values, and its sums along every dimension in float64 (for a matrix, its row and
+    column sums: an edit of whole rows or columns the sample misses still shows). Reductions, no
+    copies; hashing 70B parameters in full would take minutes."""
     h = hashlib.sha256()
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "to_dict"):
@@ -373,6 +386,11 @@ def model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) ->
         if flat.numel():
             step = max(1, flat.numel() // samples_per_tensor)
             h.update(flat[::step].to("cpu", torch.float64).numpy().tobytes())
+            t = p.detach()
+            for dim in range(t.dim()):
+                if t.dim() > 1 or dim > 0 or step > 1:
+                    sums = t.sum(dim=dim, dtype=torch.float64)
+                    h.update(sums.to("cpu").reshape(-1).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -418,6 +436,9 @@ class BlockCheckpoint:
                     f"checkpoint {self.dir} belongs to another run (differs in: {diff}); use another "
                     "checkpoint_dir or delete it to start over")
             self.blocks = m.get("blocks", {})
+            if writer:  # temporaries of a writer killed mid-save (their names hold its pid)
+                for f in self.dir.glob(".*.tmp-*"):
+                    f.unlink(missing_ok=True)
         elif writer:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._write_manifest()
@@ -447,6 +468,15 @@ class BlockCheckpoint:
                 os.close(fd)
         except OSError:  # pragma: no cover - platforms without directory fsync
             pass
+
+    def visible(self) -> bool:
+        """Whether this process sees this run's manifest and every finished block's file."""
+        try:
+            m = json.loads((self.dir / self.MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        return m.get("key") == self.key and all((self.dir / e["file"]).is_file()
+                                                for e in self.blocks.values())
 
     def has(self, mode: str, block: int) -> bool:
         e = self.blocks.get(self._tag(mode, block))
@@ -622,13 +652,23 @@ def setup_run(model, samples, cfg, checkpoint_dir, ctx: Optional[DistContext]):
         if ctx is not None:
             with ctx.step("open checkpoint", "setup"):
                 state = [err, ckpt.blocks if ckpt is not None else None]
-                ctx.dist.broadcast_object_list(state, src=0, group=ctx.group)
+                ctx.dist.broadcast_object_list(state, src=ctx.global_rank(0), group=ctx.group)
             err, blocks = state
             if err is None and ctx.rank != 0:
                 ckpt = BlockCheckpoint.__new__(BlockCheckpoint)
                 ckpt.dir, ckpt.identity, ckpt.writer = Path(checkpoint_dir), ident, False
                 ckpt.key = _sha256_bytes(json.dumps(ident, sort_keys=True, default=str).encode())
                 ckpt.blocks = blocks  # rank 0's view (files on a shared filesystem)
+            if err is None:
+                # Every rank must see what rank 0 wrote: with rank-local directories the ranks would
+                # replay and recompute different blocks and their collectives would pair up wrongly.
+                with ctx.step("check every rank sees the checkpoint", "setup"):
+                    seen = ctx.all_gather_object(ckpt.visible())
+                blind = [r for r, ok in enumerate(seen) if not ok]
+                if blind:
+                    err = (f"checkpoint_dir {checkpoint_dir}: rank(s) {blind} do not see the manifest "
+                           "and block files rank 0 wrote there; it must be one directory every rank "
+                           "shares (the same filesystem), not a rank-local path")
         if err is not None:
             raise CheckpointMismatchError(err)
     return local, ckpt
