@@ -466,3 +466,25 @@ def test_gptq_rejects_dequantized_weights_that_overflow_float16():
         torch.ops.piso.gptq(W, torch.eye(2), 2, -1, None, "layer")
     codes, s, W_hat = torch.ops.piso.gptq(W.float(), torch.eye(2), 2, -1, None, "layer")
     assert torch.isfinite(W_hat).all()
+
+
+@pytest.mark.parametrize("form", ["left", "right"])
+@pytest.mark.parametrize("where", [(140, 10), (10, 140), (100, 70)])
+def test_one_asymmetric_pair_far_from_the_diagonal_is_seen(monkeypatch, form, where):
+    """The symmetry check works by tiles: one asymmetric pair in any tile makes gptq use the
+    symmetric part (the CPU forms read different triangles)."""
+    monkeypatch.setenv("PISO_GPTQ_FORM", form)
+    gen = torch.Generator().manual_seed(1)
+    D = 150
+    W = torch.randn(8, D, dtype=torch.float64, generator=gen)
+    X = torch.randn(400, D, dtype=torch.float64, generator=gen)
+    H = X.T @ X
+    H = (H + H.T) / 2
+    Hn = H.clone()
+    Hn[where] += 0.3 * H[where[0], where[0]]
+    want = torch.ops.piso.gptq(W, (Hn + Hn.T) / 2, 3)
+    for g, w in zip(torch.ops.piso.gptq(W, Hn, 3), want):
+        assert torch.equal(g, w)
+    for g, w in zip(torch.ops.piso.gptq(W.float(), Hn.float(), 3),
+                    torch.ops.piso.gptq(W.float(), ((Hn + Hn.T) / 2).float(), 3)):
+        assert torch.equal(g, w)
