@@ -513,7 +513,10 @@ at::Tensor setup(Ctx& c, const at::Tensor& W, const at::Tensor& H, const at::Ten
   }
   c.sw = s0.to(at::kDouble).contiguous();
 
-  c.perm = column_order(dfix, c.gs, act_order, is_group_update(c.update));
+  // Column order from diag H: GPTQ with dead columns at 1 (IST), Qronos from the raw diagonal
+  // (ALGORITHM §5.2, as Brevitas): a dead column goes last, never first, and the order does not
+  // depend on the scale of H.
+  c.perm = column_order(G ? dH.contiguous() : dfix, c.gs, act_order, is_group_update(c.update));
   c.col_group = at::div(c.perm, c.gs, "floor").contiguous();
   auto ph = c.perm.cpu();
   c.perm_host.assign(ph.data_ptr<int64_t>(), ph.data_ptr<int64_t>() + c.D);
@@ -525,7 +528,9 @@ at::Tensor setup(Ctx& c, const at::Tensor& W, const at::Tensor& H, const at::Ten
   // The original weights are kept only where something reads them after the sweep started.
   const bool keep_wo = G != nullptr || keep_original || c.update == Update::GroupSequential;
   c.Wp = gather_cols(W0, c.perm);  // always a new tensor: the sweep works in place
-  if (keep_wo) c.Wo = c.Wp.clone();
+  // Qronos's target X w uses the original weights (ALGORITHM §5.2: w = weight_orig): a feature dead
+  // in X~ may live in X. Only the weights being quantized have dead columns zeroed.
+  if (keep_wo) c.Wo = G ? gather_cols(Wc, c.perm) : c.Wp.clone();
   c.codes = at::empty({c.N, c.D}, W.options().dtype(at::kChar));  // the sweep writes every column
   const char* form = std::getenv("PISO_GPTQ_FORM");  // "right": the GPU's form on CPU too (tests)
   c.left = c.Wp.device().is_cpu() && !is_group_update(c.update) &&

@@ -488,3 +488,38 @@ def test_one_asymmetric_pair_far_from_the_diagonal_is_seen(monkeypatch, form, wh
     for g, w in zip(torch.ops.piso.gptq(W.float(), Hn.float(), 3),
                     torch.ops.piso.gptq(W.float(), ((Hn + Hn.T) / 2).float(), 3)):
         assert torch.equal(g, w)
+
+
+def _dead_feature_problem(seed=0, D=16, T=400):
+    """X~ has feature 5 dead (all zero), X does not; diag H well below 1."""
+    g = torch.Generator().manual_seed(seed)
+    Xq = 0.3 * torch.randn(T, D, generator=g, dtype=torch.float64)
+    Xq[:, 5] = 0
+    X = Xq + 0.8 * torch.randn(T, D, generator=g, dtype=torch.float64)  # G far from H
+    W = torch.randn(6, D, generator=g, dtype=torch.float64)
+    return W, Xq.T @ Xq / T, Xq.T @ X / T, X, Xq
+
+
+def test_qronos_column_order_puts_a_dead_column_last_whatever_the_scale_of_H():
+    """ALGORITHM §5.2: columns by the raw diag H, so a dead column (H_ii = 0) goes last; with dead
+    columns at 1 it went first when every live diagonal was below 1, and the result depended on
+    the scale of H."""
+    W, H, G, _, _ = _dead_feature_problem()
+    assert float(H.diagonal().max()) < 1
+    a = qronos_op(W, H, G, 4)
+    b = qronos_op(W, 100 * H, 100 * G, 4)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.double(), y.double(), rtol=1e-9, atol=1e-9)
+
+
+def test_qronos_target_keeps_the_weights_of_a_feature_dead_only_in_the_quantized_stream():
+    """The target X w uses the original weights (§5.2: w = weight_orig): x_5 w_5 is part of it even
+    though X~ has no feature 5, so zeroing w_5 beforehand must change the result."""
+    W, H, G, X, Xq = _dead_feature_problem()
+    W0 = W.clone()
+    W0[:, 5] = 0
+    _, _, Wh = qronos_op(W, H, G, 4, act_order=False)
+    _, _, Wh0 = qronos_op(W0, H, G, 4, act_order=False)
+    assert not torch.allclose(Wh, Wh0)
+    loss = lambda Wh: float(((X @ W.T - Xq @ Wh.T) ** 2).sum())
+    assert loss(Wh) < loss(Wh0)  # the true cross objective prefers the target with x_5 w_5

@@ -69,6 +69,7 @@ class _Sweep:
         assert scales_update in MODES, scales_update
         W = W.to(torch.float64)
         H = H.to(torch.float64)
+        qronos = G is not None
         G = H if G is None else G.to(torch.float64)
         self.N, self.D = W.shape
         self.per_channel = group_size == -1
@@ -90,13 +91,17 @@ class _Sweep:
         self.scales = s.clone()
         Hfix = H.clone()
         Hfix[dead, dead] = 1
-        self.perm = column_order(torch.diag(Hfix), self.gs, act_order, scales_update in GROUP_MODES)
+        # GPTQ orders by diag H with dead columns at 1 (IST); Qronos by the raw diagonal (§5.2)
+        self.perm = column_order(torch.diag(H if qronos else Hfix), self.gs, act_order,
+                                 scales_update in GROUP_MODES)
         p = self.perm
         self.H = H[p][:, p]       # undamped, processing order
         self.G = G[p][:, p]
         self.Hfix = Hfix[p][:, p]
-        self.Wo = W0[:, p].clone()
-        self.W = self.Wo.clone()
+        # Qronos's target uses the original weights (§5.2: w = weight_orig); the weights being
+        # quantized have dead columns zeroed
+        self.Wo = (W if qronos else W0)[:, p].clone()
+        self.W = W0[:, p].clone()
         self.Q = torch.zeros(self.N, self.D, dtype=torch.int64)
         self.lam = 0.0
 
