@@ -165,12 +165,13 @@ std::tuple<at::Tensor, at::Tensor> sweep(const at::Tensor& W_in, const at::Tenso
   }
 
   // Fallbacks (ALGORITHM.md §2.6): all-zero row -> 1.0 (q = 0 at any scale, objective 0); no
-  // candidate interval -> absmax max|w| / 2^(b-1) (2^(b-1) = qmax + 1 for both grid kinds), with
-  // the objective evaluated at that scale in the output dtype.
+  // candidate interval -> absmax max|w| / -qmin (2^(b-1), or 2^(b-1) - 1 on the narrow grid: the
+  // absmax scale of gptq and the pipeline), with the objective evaluated at that scale in the
+  // output dtype.
   auto scale = res.scale, obj = res.objective;
   auto missing = res.found.logical_not();
   if (missing.any().item<bool>()) {
-    auto absmax = W.abs().amax(1) / static_cast<double>(qmax + 1);
+    auto absmax = W.abs().amax(1) / static_cast<double>(-qmin);
     auto fb = at::where(absmax > 0, absmax, 1.0).to(out_dtype).to(at::kDouble);
     auto fb_obj = objective_at(W, lin, H.defined() ? H.to(at::kDouble) : H, fb, qmin, qmax);
     scale = at::where(missing, fb, scale);

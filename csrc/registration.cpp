@@ -13,7 +13,8 @@ TORCH_LIBRARY(piso, m) {
   // PiSO: the exactly optimal scale s > 0 minimizing s^2 q^T H q - 2 s q^T G w with q = RTN(w/s).
   // H None = identity (data-free), 1-D = diagonal, 2-D = dense. G None = H. group_size -1 = per
   // channel ([N]); else [N, D/group_size] with PiSO_I, or PiSO_S when `sequential` and H is dense
-  // (with H None or diagonal the groups are exactly decoupled, so `sequential` is ignored: PiSO_I).
+  // (with H None or diagonal and no G the groups are exactly decoupled; with G, PiSO_S runs on the
+  // dense diagonal matrix, since (G w)_k reads every group).
   // eps is relative to the interval's upper breakpoint. Scales float64 for float64 W, else float32,
   // strictly inside their interval so quantize_rtn (float64 division) reproduces the sweep's codes.
   m.def(

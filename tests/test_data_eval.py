@@ -225,3 +225,11 @@ def test_load_in_bfloat16_keeps_non_persistent_buffers_like_from_pretrained(tmp_
     assert bufs and all(b.dtype == dict(hf.named_buffers())[n].dtype for n, b in bufs.items())
     assert any(b.dtype == torch.float32 for b in bufs.values())
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_max_windows_zero_is_an_error_naming_it():
+    from torch_piso.models import tiny_model
+
+    with pytest.raises(ValueError, match="max_windows must be >= 1"):
+        perplexity(tiny_model("llama"), torch.arange(100) % 50, seqlen=10, max_windows=0,
+                   progress=False)

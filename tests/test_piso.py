@@ -235,6 +235,9 @@ def test_all_zero_row_gets_scale_one_and_dead_row_gets_absmax(algorithm):
     assert s[0] == 1.0 and obj[0] == 0.0
     assert s[1] == 0.7 / 8 and obj[1] == 0.0
     assert s[2] > 0
+    # narrow grid: the absmax of gptq and the pipeline, max|w| / (2^(b-1) - 1)
+    s, obj = ops._piso_sweep(W, W @ H, H, -7, 7, 1e-9, algorithm)
+    assert s[1] == 0.7 / 7 and obj[1] == 0.0
 
 
 def test_scales_are_always_positive_even_when_negative_scale_would_fit():

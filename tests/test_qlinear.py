@@ -641,3 +641,10 @@ def test_top_level_wrappers_reach_the_packing_ops():
     W = torch.randn(2, 8, dtype=torch.float64)
     sc, obj = torch_piso.piso_sweep(W, W, None, -4, 3)
     assert torch.equal(sc, torch_piso.optimal_scales(W, None, None, 3))
+
+
+def test_replace_linear_replaces_a_shared_linear_at_every_name():
+    lin = nn.Linear(8, 4)
+    s = nn.Sequential(lin, nn.ReLU(), lin)
+    names = replace_linear(s, lambda n, l: QuantLinear.from_float(l, 4))
+    assert names == ["0", "2"] and isinstance(s[0], QuantLinear) and isinstance(s[2], QuantLinear)

@@ -37,6 +37,9 @@ def nll_sum(model: nn.Module, ids: Tensor, seqlen: int = 2048, batch_size: int =
     if batch_size < 1:
         raise ValueError(f"perplexity: batch_size must be >= 1, got {batch_size}")
     n_win = ids.numel() // seqlen
+    if max_windows is not None and int(max_windows) < 1:
+        raise ValueError(f"perplexity: max_windows must be >= 1 (or None for every window), got "
+                         f"{max_windows}")
     if max_windows is not None:
         n_win = min(n_win, int(max_windows))
     if n_win < 1:

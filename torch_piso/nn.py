@@ -150,11 +150,12 @@ def replace_linear(model: nn.Module,
     """Swaps modules in place by dotted name and returns the replaced names.
 
     ``replacement`` is either a mapping ``name -> new module`` (every name must exist) or a callable
-    ``fn(name, linear) -> module or None`` called for every ``nn.Linear`` of the model (None keeps it).
+    ``fn(name, linear) -> module or None`` called for every ``nn.Linear`` of the model (None keeps it),
+    at every name it is reachable by (one Linear used at two places is replaced at both).
     """
     if callable(replacement) and not isinstance(replacement, Mapping):
         todo = {}
-        for name, mod in model.named_modules():
+        for name, mod in model.named_modules(remove_duplicate=False):
             if isinstance(mod, nn.Linear):
                 new = replacement(name, mod)
                 if new is not None:

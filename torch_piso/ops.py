@@ -90,8 +90,9 @@ def optimal_scales(W: Tensor, H: Optional[Tensor] = None, G: Optional[Tensor] = 
     - ``group_size`` -1: returns ``[N]``; else ``[N, D / group_size]``. PiSO_I (independent groups,
       diagonal blocks H_kk, G_kk) or, with ``sequential=True`` and a dense H, PiSO_S (groups in
       descending Σ diag H order, each minimizing the full objective with processed groups quantized
-      and the others at their original weights). With H None or diagonal the group problems are
-      exactly decoupled, so ``sequential`` is ignored there (always PiSO_I).
+      and the others at their original weights). With H None or diagonal and no G the group problems
+      are exactly decoupled, so ``sequential`` changes nothing; with a cross term G they are not
+      (``(Gw)_k`` reads every group), and PiSO_S runs on the dense diagonal matrix.
     - ``eps`` (relative to each interval's upper breakpoint) keeps the scale strictly inside its
       interval. Returned dtype: float64 for float64 W, else float32; the returned value in that dtype
       reproduces the interval's codes under ``quantize_rtn`` (float64 division), so the objective at
@@ -224,8 +225,8 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int = -1, scales: Optional
          damp: float = 0.01, narrow_range: bool = False, stats: Optional[Tensor] = None):
     """GPTQ on H = X~ᵀX~ with optional PiSO interleaving; returns (codes int8, scales, W_hat).
 
-    ``scales_update``: none (given/absmax scales), group_absmax (IST dynamic groups), layer /
-    layer_sequential (⊙*: PiSO_I / PiSO_S on H before the sweep), group / group_sequential /
+    ``scales_update``: none (given/absmax scales), group_absmax (dynamic groups: each group's
+    absmax scale from the current weights as the sweep reaches it), layer / layer_sequential (⊙*: PiSO_I / PiSO_S on H before the sweep), group / group_sequential /
     group_data_free (⊙†: each group's scale by PiSO_I / PiSO_S / data-free PiSO on the current,
     error-diffused weights just before its first column). ``stats`` (float64 [4], written):
     [damping added, damping / mean diag H, 1 if fell back to RTN, layer loss on the undamped H].
