@@ -1,6 +1,7 @@
 """torch_piso.data (windows, split, text loading), torch_piso.eval (perplexity vs brute force) and
 torch_piso.load (errors; the offline default model when installed)."""
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,7 @@ def test_default_model_smoke_and_its_float_cache(tmp_path, monkeypatch):
         assert torch.equal(model(ids[None, :64]).logits, model2(ids[None, :64]).logits)
     ppl = perplexity(model2, ids, seqlen=128, max_windows=1, progress=False)
     assert math.isfinite(ppl) and ppl < 1000
+    shutil.rmtree(tmp_path / "gguf")  # 517 MiB: pytest keeps the last runs' tmp_path
 
 
 def test_model_cache_location_and_a_damaged_entry(tmp_path, monkeypatch):
