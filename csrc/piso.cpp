@@ -115,10 +115,12 @@ std::tuple<at::Tensor, at::Tensor> sweep(const at::Tensor& W_in, const at::Tenso
   // sweep finds the same scales, multiplied back below. Rows within 2^+-256 are not touched.
   at::Tensor row_exp;  // per row e (0 = untouched), int32
   int64_t h_exp = 0;
+  bool rows_scaled = false;
   if (!f32) {
     auto far = [](const at::Tensor& e) { return at::where(e.abs() > 256, e, at::zeros_like(e)); };
     row_exp = far(std::get<1>(at::frexp(W.abs().amax(1))));
-    if (row_exp.ne(0).any().item<bool>()) {
+    rows_scaled = row_exp.ne(0).any().item<bool>();
+    if (rows_scaled) {
       W = mul_pow2(W, row_exp.neg().unsqueeze(1));
       lin = mul_pow2(lin, row_exp.neg().unsqueeze(1));
     }
@@ -177,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor> sweep(const at::Tensor& W_in, const at::Tenso
     scale = at::where(missing, fb, scale);
     obj = at::where(missing, fb_obj, obj);
   }
-  if (row_exp.defined() && (h_exp != 0 || row_exp.ne(0).any().item<bool>())) {
+  if (rows_scaled || h_exp != 0) {
     // Back to the caller's units: s 2^e, E 2^(2e + h). (The fallback rows above used the scaled W
     // and lin too, so they are rescaled the same way.)
     scale = mul_pow2(scale, row_exp);

@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .reference import qlinear as _ref_qlinear
+
 _lib = torch.ops.piso
 
 
@@ -376,7 +378,7 @@ def _dm_backward(ctx, g):
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
         codes = unpack(packed, bits, in_features).to(acc)
     if ctx.needs_input_grad[0]:
-        W_hat = codes * _expand_scales(scales.to(acc), in_features, group_size)
+        W_hat = codes * _ref_qlinear.expand_scales(scales.to(acc), in_features, group_size)
         grad_x = (g2 @ W_hat).reshape(*g.shape[:-1], in_features).to(x_dtype)
     if ctx.needs_input_grad[2]:
         P = codes * (g2.t() @ x.reshape(-1, in_features).to(acc))  # [N, D]
@@ -388,12 +390,6 @@ def _dm_backward(ctx, g):
     if ctx.needs_input_grad[6]:
         grad_b = g2.sum(0).to(b_dtype)
     return grad_x, None, grad_s, None, None, None, grad_b
-
-
-def _expand_scales(scales: Tensor, in_features: int, group_size: int) -> Tensor:
-    if group_size == -1:
-        return scales.reshape(-1, 1)
-    return scales.repeat_interleave(group_size, dim=1)
 
 
 torch.library.register_autograd("piso::dequant_matmul", _dm_backward,
