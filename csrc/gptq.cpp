@@ -14,8 +14,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <atomic>
-
 #include <algorithm>
 #include <climits>
 #include <cmath>
@@ -24,6 +22,7 @@
 
 #include "checks.h"
 #include "gptq.h"
+#include "piso_internal.h"
 #include "torch_piso.h"
 
 namespace piso {
@@ -571,46 +570,6 @@ void write_stats(const std::optional<at::Tensor>& stats, double lambda, double b
   stats->copy_(v);
 }
 
-// Only the symmetric part of H enters the layer objective, but the sweeps read one triangle of H
-// (the two CPU forms different ones): a non-symmetric H is symmetrized first, as optimal_scales
-// does. A symmetric H (every Hessian the ops accumulate) is used as it is.
-// H == H^T, for a contiguous CPU matrix by 64 x 64 tiles (at::equal(H, H.t()) walks the transpose
-// with a stride of D: 0.7 s at D = 11008, a sixth of the whole GPTQ; this reads H at memory speed).
-template <typename T>
-bool is_symmetric_cpu(const T* h, int64_t D) {
-  constexpr int64_t B = 64;
-  std::atomic<bool> ok{true};
-  at::parallel_for(0, (D + B - 1) / B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t bi = b0; bi < b1 && ok.load(std::memory_order_relaxed); ++bi) {
-      const int64_t i0 = bi * B, i1 = std::min(D, i0 + B);
-      for (int64_t j0 = 0; j0 <= i0; j0 += B) {  // the tiles on and below the diagonal
-        const int64_t j1 = std::min(D, j0 + B);
-        bool same = true;
-        for (int64_t i = i0; i < i1; ++i) {
-          for (int64_t j = j0; j < std::min(j1, i); ++j) same &= h[i * D + j] == h[j * D + i];
-        }
-        if (!same) {
-          ok.store(false, std::memory_order_relaxed);
-          return;
-        }
-      }
-    }
-  });
-  return ok.load();
-}
-
-at::Tensor symmetric_part(const at::Tensor& H) {
-  bool sym;
-  if (H.is_cpu() && H.is_contiguous() && H.scalar_type() == at::kFloat) {
-    sym = is_symmetric_cpu(H.data_ptr<float>(), H.size(0));
-  } else if (H.is_cpu() && H.is_contiguous() && H.scalar_type() == at::kDouble) {
-    sym = is_symmetric_cpu(H.data_ptr<double>(), H.size(0));
-  } else {
-    sym = at::equal(H, H.t());
-  }
-  return sym ? H : (H + H.t()).mul_(0.5);
-}
-
 // --------------------------------------------------------------------------------------------
 // GPTQ
 // --------------------------------------------------------------------------------------------
@@ -619,7 +578,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gptq_impl(
     const std::optional<at::Tensor>& scales, c10::string_view scales_update, bool act_order,
     int64_t block_size, double damp, bool narrow_range, const std::optional<at::Tensor>& stats) {
   check_common(W, H_in, nullptr, bits, group_size, scales, block_size, stats);
-  const auto H = symmetric_part(H_in);
+  // Only H's symmetric part enters the objective; the two CPU forms read different triangles.
+  const auto H = detail::symmetric_part(H_in);
   TORCH_CHECK(std::isfinite(damp) && damp >= 0, "damp: expected a finite value >= 0, got ", damp);
   Ctx c;
   c.op = "gptq";
@@ -681,7 +641,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qronos_impl(
     bool act_order, int64_t block_size, double alpha, bool narrow_range,
     const std::optional<at::Tensor>& stats) {
   check_common(W, H_in, &G, bits, group_size, scales, block_size, stats);
-  const auto H = symmetric_part(H_in);
+  // Only H's symmetric part enters the objective; the two CPU forms read different triangles.
+  const auto H = detail::symmetric_part(H_in);
   TORCH_CHECK(std::isfinite(alpha) && alpha >= 0, "alpha: expected a finite value >= 0, got ",
               alpha);
   Ctx c;

@@ -101,10 +101,10 @@ std::tuple<at::Tensor, at::Tensor> sweep(const at::Tensor& W_in, const at::Tenso
                 " to match W of shape ", W_in.sizes(), ", got ", H_in.sizes());
     TORCH_CHECK(H_in.scalar_type() == at::kFloat || H_in.scalar_type() == at::kDouble,
                 "H: expected float32 or float64, got ", H_in.scalar_type());
-    // Only the symmetric part of H enters q^T H q; the sweeps read rows of H as columns.
-    // (x + x) * 0.5 == x exactly, so a symmetric H is unchanged. Dense float32 H stays float32 for
-    // the CPU sweep (half the memory traffic; widened exactly to fp64 inside).
-    if (H_in.dim() == 2) H = (H_in + H_in.t()).mul_(0.5).contiguous();
+    // Only the symmetric part of H enters q^T H q; the sweeps read rows of H as columns. Dense
+    // float32 H stays float32 for the CPU sweep (half the memory traffic; widened exactly to fp64
+    // inside).
+    if (H_in.dim() == 2) H = symmetric_part(H_in.contiguous()).contiguous();
     else H = H_in.to(at::kDouble).contiguous();
   }
 
@@ -280,9 +280,11 @@ at::Tensor optimal_scales_impl(const at::Tensor& W_in, const OptT& H_opt, const 
   // The values that are rounded: float64 stays, everything else becomes float32 exactly.
   const auto W = f64 ? W_in.contiguous() : W_in.to(at::kFloat).contiguous();
   const auto Wd = W.to(at::kDouble);
-  // Hs: H in its own dtype, symmetrized (what the sweeps get); H: float64 (for the GEMMs).
+  // Hs: H in its own dtype, symmetrized (what the sweeps get); H: float64 (for the GEMMs). PiSO_I
+  // reads only H's diagonal blocks: they are symmetrized and widened block by block below.
   at::Tensor Hs = H_opt.has_value() ? *H_opt : at::Tensor();
-  if (Hs.defined() && Hs.dim() == 2) Hs = (Hs + Hs.t()).mul_(0.5);
+  const bool blocks_only = group_size != -1 && !sequential;
+  if (Hs.defined() && Hs.dim() == 2 && !blocks_only) Hs = detail::symmetric_part(Hs);
   // PiSO_S with a cross term: a diagonal (or identity) H decouples the groups' quadratic terms but
   // not the linear ones, (G w)_k reads every group's weights. The sequential form then runs on the
   // dense diagonal matrix (the same objective; the dense sweep is exact for it).
@@ -290,7 +292,7 @@ at::Tensor optimal_scales_impl(const at::Tensor& W_in, const OptT& H_opt, const 
     Hs = Hs.defined() ? at::diag(Hs.to(at::kDouble))
                       : at::eye(D, W_in.options().dtype(at::kDouble));
   }
-  const at::Tensor H = Hs.defined() ? Hs.to(at::kDouble) : Hs;
+  const at::Tensor H = Hs.defined() && !(blocks_only && Hs.dim() == 2) ? Hs.to(at::kDouble) : Hs;
   const at::Tensor G = G_opt.has_value() ? G_opt->to(at::kDouble) : at::Tensor();
   const int64_t ng = D / gs;
 
@@ -312,11 +314,12 @@ at::Tensor optimal_scales_impl(const at::Tensor& W_in, const OptT& H_opt, const 
     }
     for (int64_t k = 0; k < ng; ++k) {
       const int64_t k0 = k * gs;
-      auto Hb = block(H, k0, gs);
+      auto Hsb = block(Hs, k0, gs);
+      if (Hsb.defined() && Hsb.dim() == 2) Hsb = detail::symmetric_part(Hsb.contiguous());
+      auto Hb = Hsb.defined() ? Hsb.to(at::kDouble) : Hsb;
       auto Gb = G.defined() ? block(G, k0, gs) : G;
       auto lin = block_lin(Wd.narrow(1, k0, gs), Hb, Gb);
-      out.select(1, k).copy_(
-          std::get<0>(detail::sweep(W.narrow(1, k0, gs), lin, block(Hs, k0, gs), qmin, qmax, eps)));
+      out.select(1, k).copy_(std::get<0>(detail::sweep(W.narrow(1, k0, gs), lin, Hsb, qmin, qmax, eps)));
     }
     return out;
   }

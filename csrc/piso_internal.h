@@ -57,6 +57,11 @@ struct SweepResult {
   at::Tensor scale, objective, found;
 };
 
+// Whether a square matrix equals its transpose exactly (CPU: read by tiles, at memory speed).
+bool is_symmetric(const at::Tensor& H);
+// (H + H^T) / 2, or H itself (no copy) when it is symmetric: the same values bit for bit.
+at::Tensor symmetric_part(const at::Tensor& H);
+
 // Sequential breakpoint sweep (ALGORITHM.md §2.5) on CPU.
 //   W [R, d] float64 contiguous, lin [R, d] float64 contiguous,
 //   H undefined (identity) | [d] float64 | [d, d] float64 symmetric contiguous.
