@@ -1,7 +1,12 @@
 // All operator schemas of the `piso` namespace, in one place (the op contract of ARCHITECTURE.md §2).
 // Kernels register themselves per backend beside their code (csrc/cpu/*, csrc/cuda/*), so a
-// CPU-only build simply lacks the CUDA registrations. Fake (meta) kernels live in torch_piso/ops.py.
+// CPU-only build simply lacks the CUDA registrations. Fake (meta) kernels live in torch_piso/ops.py;
+// the backend-independent Autograd registration of the non-differentiable ops is at the end.
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include <vector>
 
 TORCH_LIBRARY(piso, m) {
   // H += x^T x over every leading dim of x ([..., D]); H [D,D] float32/float64 sets the precision.
@@ -53,4 +58,39 @@ TORCH_LIBRARY(piso, m) {
   m.def(
       "dequant_matmul(Tensor x, Tensor packed, Tensor scales, int bits, int group_size, "
       "int in_features, Tensor? bias=None) -> Tensor");
+}
+
+namespace {
+
+// Autograd for the ops that are not differentiable (statistics, integer codes, piecewise-constant
+// scales, the GPTQ/Qronos sweeps): they run below autograd, as the generated kernels of ATen's own
+// non-differentiable ops do. Without this, PyTorch's fallback for custom ops ran the kernels with
+// autograd still on: the ATen calls inside them recorded graphs on inputs that require grad
+// (mm_out refused them in hessian_accumulate_, cross_accumulate_ chained every batch into G's
+// graph) and the outputs came back requiring grad through a node that warns and drops gradients.
+// Written arguments (Tensor(a!)) get their version bumped, as any in-place op does.
+void below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t first = stack->size() - args.size();
+  std::vector<at::Tensor> written;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const auto* alias = args[i].alias_info();
+    const auto& v = (*stack)[first + i];
+    if (alias && alias->isWrite() && v.isTensor()) written.push_back(v.toTensor());
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (auto& t : written) t.unsafeGetTensorImpl()->bump_version();
+}
+
+}  // namespace
+
+// dequant_matmul is differentiable: its autograd is registered in torch_piso/ops.py.
+TORCH_LIBRARY_IMPL(piso, Autograd, m) {
+  for (const char* name : {"hessian_accumulate_", "cross_accumulate_", "optimal_scales",
+                           "quantize_rtn", "_piso_sweep", "gptq", "qronos", "pack", "unpack"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&below_autograd>());
+  }
 }

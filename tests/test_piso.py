@@ -647,3 +647,45 @@ def test_fake_kernels_check_arguments_like_the_kernels(call, match):
     message instead of returning a shape."""
     with pytest.raises(RuntimeError, match=match):
         call(torch.empty(4, 8, device="meta"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs that require grad: the ops are not differentiable (statistics, integer codes, piecewise
+# constant scales), so they run below autograd -- no error, no graph, same values.
+# ------------------------------------------------------------------------------------------------
+def test_inputs_that_require_grad_give_the_same_values_and_no_graph():
+    gen = torch.Generator().manual_seed(21)
+    D = 16
+    x = torch.randn(3, 5, D, generator=gen)
+    xg = x.clone().requires_grad_()
+    H0, G0 = torch.zeros(D, D), torch.zeros(D, D)
+    ops.hessian_accumulate_(H0, x)
+    ops.cross_accumulate_(G0, x, 2 * x)
+    H1, G1 = torch.zeros(D, D), torch.zeros(D, D)
+    v = H1._version
+    ops.hessian_accumulate_(H1, xg)  # was: mm(): functions with out=... arguments don't support ...
+    ops.cross_accumulate_(G1, xg, 2 * xg)  # was: G silently joined xg's graph (and kept it alive)
+    assert H1._version > v
+    assert torch.equal(H1, H0) and torch.equal(G1, G0)
+    assert not H1.requires_grad and not G1.requires_grad and G1.grad_fn is None
+
+    W = torch.randn(4, D, generator=gen)
+    H = (H0 / 15 + 0.1 * torch.eye(D)).contiguous()
+    calls = [
+        lambda W, H: (ops.optimal_scales(W, H, None, 4),),
+        lambda W, H: (ops.optimal_scales(W, H, H, 3, 4, True),),
+        lambda W, H: ops.quantize_rtn(W, W.detach().abs().amax(1) / 7, 4),
+        lambda W, H: ops.quantize_rtn(W.detach(), (W.abs().amax(1) / 7), 4),
+        lambda W, H: ops._piso_sweep(W, W @ H, H, -8, 7),
+        lambda W, H: ops.gptq(W, H, 4, 4, None, "group"),
+        lambda W, H: ops.qronos(W, H, H, 4, -1, W.detach().abs().amax(1) / 8 + 0.01, "layer"),
+    ]
+    for call in calls:
+        want = call(W, H)
+        got = call(W.clone().requires_grad_(), H.clone().requires_grad_())
+        for a, b in zip(got, want):
+            assert not a.requires_grad and a.grad_fn is None
+            assert torch.equal(a, b)
+    # opcheck's autograd-registration test runs on inputs that require grad.
+    torch.library.opcheck(ops.gptq.default, (W.clone().requires_grad_(), H, 4))
+    torch.library.opcheck(ops.hessian_accumulate_.default, (torch.zeros(D, D), xg))
