@@ -16,6 +16,7 @@
 #include "checks.h"
 
 #include <ATen/MemoryOverlap.h>
+#include <c10/util/accumulate.h>
 
 #include <algorithm>
 #include <climits>
@@ -41,7 +42,10 @@ inline at::Tensor check_accumulate_args(const at::Tensor& H, const char* hname, 
               "])");
   check_same_device(H, hname, x, xname);
   TORCH_CHECK(H.size(0) < INT_MAX, hname, ": D = ", H.size(0), " exceeds the BLAS index range");
-  auto x2 = x.reshape({-1, x.size(-1)}).contiguous();
+  // Tokens counted explicitly: reshape({-1, 0}) is ambiguous when D = 0 (then H is [0, 0] and the
+  // update a no-op).
+  const int64_t tokens = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  auto x2 = x.reshape({tokens, x.size(-1)}).contiguous();
   // x may share memory with the accumulator (hessian_accumulate_(H, H)): the update must read x as
   // it was at the call, not rows of H already written, so such an x is copied first.
   if (at::get_overlap_status(H, x2) != at::MemOverlapStatus::No) x2 = x2.clone();

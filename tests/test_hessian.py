@@ -102,6 +102,18 @@ def test_hessian_empty_batch_is_a_no_op():
     assert torch.equal(G, G0)
 
 
+def test_hessian_zero_features_is_a_no_op_like_its_fake_kernel():
+    # D = 0: x [..., 0] could not be reshaped to [-1, 0] (a raw "cannot reshape" error) while the
+    # fake kernel accepted the call.
+    for x in (torch.empty(5, 0), torch.empty(2, 3, 0, dtype=torch.bfloat16), torch.empty(0)):
+        H = torch.empty(0, 0)
+        torch.ops.piso.hessian_accumulate_(H, x)
+        torch.ops.piso.cross_accumulate_(H, x, x.double())
+        torch.library.opcheck(torch.ops.piso.hessian_accumulate_.default, (H, x))
+    with pytest.raises(RuntimeError, match="x_q and x_fp: expected the same number of paired tokens"):
+        torch.ops.piso.cross_accumulate_(torch.empty(0, 0), torch.empty(5, 0), torch.empty(4, 0))
+
+
 def test_hessian_one_dimensional_x_is_a_single_token():
     x = torch.randn(9, dtype=torch.float64)
     H = torch.zeros(9, 9, dtype=torch.float64)
