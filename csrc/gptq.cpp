@@ -131,6 +131,7 @@ void check_common(const at::Tensor& W, const at::Tensor& H, const at::Tensor* G,
     TORCH_CHECK(st.scalar_type() == at::kDouble && st.dim() == 1 && st.size(0) == 4,
                 "stats: expected a float64 tensor of shape [4], got ", st.scalar_type(), " ",
                 st.sizes());
+    check_same_device(W, "W", st, "stats");
   }
   check_finite(W, "W");
   check_finite(H, "H");
@@ -433,8 +434,9 @@ extern "C" void dpotrf_(char* uplo, int* n, double* a, int* lda, int* info);
 
 // V, upper triangular with positive diagonal, with A + lam I = V V^T (the left-looking form's
 // factor; CPU), or undefined if it does not factor. V = U^-1 for the U above, but no inverse is
-// formed: J (A + lam I) J = L L^T and V = J L J. LAPACK potrf('L') -- the call ATen makes, whose
-// result does not depend on the thread count -- factors the row-major B = J A J + lam I in place,
+// formed: J (A + lam I) J = L L^T and V = J L J. LAPACK potrf('L') (the call ATen makes; MKL's
+// blocked potrf rounds differently with the thread count, as the GEMMs do, so results are
+// reproducible for a fixed thread count) factors the row-major B = J A J + lam I in place,
 // read column-major (B^T = B); that leaves L^T in B's row-major upper triangle. Reversing the
 // storage (X -> J X J) turns it into V^T in the lower triangle; the strict upper triangle (still
 // holding entries of B) is zeroed, and V is returned as the transposed (column-major) view.

@@ -338,6 +338,8 @@ def _bad_cases():
         (dict(block_size=0), "block_size"),
         (dict(stats=torch.zeros(4)), "stats: expected a float64"),
         (dict(stats=torch.zeros(3, dtype=torch.float64)), "stats: expected a float64"),
+        # a stats tensor on another device was silently left unwritten
+        (dict(stats=torch.zeros(4, dtype=torch.float64, device="meta")), "stats"),
     ]
     return ok, cases
 

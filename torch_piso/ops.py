@@ -271,14 +271,14 @@ def _ec_fake(W, H, G, bits, group_size, scales, scales_update, block_size):
 @torch.library.register_fake("piso::gptq")
 def _(W, H, bits, group_size=-1, scales=None, scales_update="none", act_order=True, block_size=128,
       damp=0.01, narrow_range=False, stats=None):
-    _check_fake_devices(W=W, H=H, scales=scales)
+    _check_fake_devices(W=W, H=H, scales=scales, stats=stats)
     return _ec_fake(W, H, None, bits, group_size, scales, scales_update, block_size)
 
 
 @torch.library.register_fake("piso::qronos")
 def _(W, H, G, bits, group_size=-1, scales=None, scales_update="none", act_order=True,
       block_size=128, alpha=1e-6, narrow_range=False, stats=None):
-    _check_fake_devices(W=W, H=H, G=G, scales=scales)
+    _check_fake_devices(W=W, H=H, G=G, scales=scales, stats=stats)
     return _ec_fake(W, H, G, bits, group_size, scales, scales_update, block_size)
 
 
