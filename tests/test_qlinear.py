@@ -614,6 +614,27 @@ def test_dequant_matmul_backward_passes_gradcheck(group_size):
     assert torch.autograd.gradcheck(f, (x, scales, bias))
 
 
+@pytest.mark.parametrize("group_size", [-1, 4])
+def test_dequant_matmul_backward_without_bias(group_size):
+    """bias None (omitted or passed): the Llama/Qwen linears have none, so a backward through a
+    bias-free QuantLinear must work and give the gradients w.r.t. x and scales."""
+    gen = torch.Generator().manual_seed(4)
+    N, D, bits = 5, 12, 3
+    packed = torch.ops.piso.pack(torch.randint(-4, 4, (N, D), generator=gen, dtype=torch.int8), bits)
+    sshape = (N,) if group_size == -1 else (N, D // group_size)
+    scales = (torch.rand(sshape, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+    x = torch.randn(2, 3, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, s: torch.ops.piso.dequant_matmul(x, packed, s, bits, group_size, D), (x, scales))
+    assert torch.autograd.gradcheck(
+        lambda x, s: torch.ops.piso.dequant_matmul(x, packed, s, bits, group_size, D, None), (x, scales))
+    q = QuantLinear.from_float(nn.Linear(D, N, bias=False), bits, group_size)
+    xq = torch.randn(3, D, requires_grad=True)
+    q(xq).square().sum().backward()
+    W_hat = q.dequantize()
+    torch.testing.assert_close(xq.grad, 2 * (xq.detach() @ W_hat.T) @ W_hat, rtol=1e-4, atol=1e-5)
+
+
 def test_gradients_flow_through_quant_linear_as_through_its_dense_weight():
     """A trainable module before a QuantLinear (e.g. LoRA, input attribution) gets the gradient the
     dense dequantized weight gives."""
