@@ -271,6 +271,20 @@ def test_cuda_device_from_the_config_file_is_checked_too(assets, tmp_path, capsy
     assert "QuantConfig.device='cuda': CUDA is not available" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags,match", [(["--bits", "9"], "QuantConfig.bits"),
+                                         (["--recipes", "gptq†piso", "--group-size", "-1"],
+                                          "needs group_size > 0"),
+                                         (["--samples", "0"], "QuantConfig.n_samples")])
+def test_demo_refuses_bad_recipe_overrides_before_loading_the_model(assets, capsys, no_model_load,
+                                                                    flags, match):
+    """The recipes are checked with the demo's --bits/--group-size/... , not only by name: a bad
+    value fails at once, not after the model load and the float baseline."""
+    model_dir, text, _ = assets
+    capsys.readouterr()
+    assert main(["demo", "--model", str(model_dir), "--text", str(text), "--quiet", *flags]) == 2
+    assert match in capsys.readouterr().err
+
+
 def test_checkpoint_dir_inside_out_is_refused_before_loading_the_model(assets, tmp_path, capsys,
                                                                        no_model_load):
     """The save replaces --out as a whole: a checkpoint inside it would block (or be lost to) it."""

@@ -410,8 +410,9 @@ def cmd_demo(args) -> int:
     t_start = time.perf_counter()
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     from .config import QuantConfig
-    for r in recipes:  # fail fast on a typo, before the expensive part
-        QuantConfig.recipe(r)
+    for r in recipes:  # fail fast on a typo or a bad override, before the expensive part
+        QuantConfig.recipe(r, bits=args.bits, group_size=args.group_size, n_samples=args.samples,
+                           seqlen=args.seqlen, seed=args.seed)
     print(f"# torch_piso demo: {args.bits}-bit, group size {args.group_size}, recipes {', '.join(recipes)}")
     print(f"# {_machine()}")
     t0 = time.perf_counter()
