@@ -309,6 +309,18 @@ def test_quantize_eval_tokens_short_of_a_window_is_refused_before_quantizing(ass
         assert "--eval-tokens: expected 0 or a positive integer, got -5" in capsys.readouterr().err
 
 
+def test_checkpoint_dir_of_another_run_is_an_error_line_not_a_traceback(assets, tmp_path, capsys):
+    """--checkpoint-dir left by a run with another recipe: `error: ...` and status 2, like every
+    other bad argument, not a CheckpointMismatchError traceback."""
+    ck = str(tmp_path / "ck")
+    assert _quantize(assets, tmp_path / "a", "--checkpoint-dir", ck) == 0
+    capsys.readouterr()
+    assert _quantize(assets, tmp_path / "b", "--checkpoint-dir", ck, "--bits", "3") == 2
+    err = capsys.readouterr().err
+    assert f"error: checkpoint {ck} belongs to another run" in err and "config" in err
+    assert not (tmp_path / "b").exists()
+
+
 def test_checkpoint_dir_inside_out_is_refused_before_loading_the_model(assets, tmp_path, capsys,
                                                                        no_model_load):
     """The save replaces --out as a whole: a checkpoint inside it would block (or be lost to) it."""

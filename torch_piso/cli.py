@@ -547,13 +547,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .data import TextLoadError
+    from .distributed import CheckpointMismatchError
     from .io import QuantizedCheckpointError
     from .load import ModelLoadError
 
     try:
         _check_device(args.device, "--device")
         return args.func(args)
-    except (CliError, ModelLoadError, TextLoadError, QuantizedCheckpointError, FileExistsError) as exc:
+    except (CliError, ModelLoadError, TextLoadError, QuantizedCheckpointError, FileExistsError,
+            CheckpointMismatchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # bad arguments found late (text too short, group size, recipe ...)
