@@ -271,6 +271,56 @@ def test_cuda_device_from_the_config_file_is_checked_too(assets, tmp_path, capsy
     assert "QuantConfig.device='cuda': CUDA is not available" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags,match", [(["--bits", "9"], "QuantConfig.bits"),
+                                         (["--recipes", "gptq†piso", "--group-size", "-1"],
+                                          "needs group_size > 0"),
+                                         (["--samples", "0"], "QuantConfig.n_samples")])
+def test_demo_refuses_bad_recipe_overrides_before_loading_the_model(assets, capsys, no_model_load,
+                                                                    flags, match):
+    """The recipes are checked with the demo's --bits/--group-size/... , not only by name: a bad
+    value fails at once, not after the model load and the float baseline."""
+    model_dir, text, _ = assets
+    capsys.readouterr()
+    assert main(["demo", "--model", str(model_dir), "--text", str(text), "--quiet", *flags]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_quantize_eval_tokens_short_of_a_window_is_refused_before_quantizing(assets, tmp_path,
+                                                                          capsys, monkeypatch):
+    """--eval-tokens that cannot fill one perplexity window failed after the quantization, before
+    the save: the quantized model was lost. Now refused before quantizing; a negative count (which
+    sliced tokens off the end) is an argument error in every subcommand."""
+    import torch_piso.pipeline
+
+    def forbidden(*a, **k):
+        raise AssertionError("quantized before refusing --eval-tokens")
+
+    monkeypatch.setattr(torch_piso.pipeline, "quantize_model", forbidden)
+    capsys.readouterr()
+    assert _quantize(assets, tmp_path / "o", "--eval-tokens", "10") == 2
+    assert "--eval-tokens 10: 10 held-out tokens do not fill one perplexity window of 32" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    model_dir, text, _ = assets
+    for cmd in ("quantize", "eval", "demo"):
+        with pytest.raises(SystemExit) as exc:
+            main([cmd, "--model", str(model_dir), "--text", str(text), "--eval-tokens", "-5"])
+        assert exc.value.code == 2
+        assert "--eval-tokens: expected 0 or a positive integer, got -5" in capsys.readouterr().err
+
+
+def test_checkpoint_dir_of_another_run_is_an_error_line_not_a_traceback(assets, tmp_path, capsys):
+    """--checkpoint-dir left by a run with another recipe: `error: ...` and status 2, like every
+    other bad argument, not a CheckpointMismatchError traceback."""
+    ck = str(tmp_path / "ck")
+    assert _quantize(assets, tmp_path / "a", "--checkpoint-dir", ck) == 0
+    capsys.readouterr()
+    assert _quantize(assets, tmp_path / "b", "--checkpoint-dir", ck, "--bits", "3") == 2
+    err = capsys.readouterr().err
+    assert f"error: checkpoint {ck} belongs to another run" in err and "config" in err
+    assert not (tmp_path / "b").exists()
+
+
 def test_checkpoint_dir_inside_out_is_refused_before_loading_the_model(assets, tmp_path, capsys,
                                                                        no_model_load):
     """The save replaces --out as a whole: a checkpoint inside it would block (or be lost to) it."""

@@ -462,6 +462,9 @@ def test_load_rejects_corrupted_bytes_of_the_same_size(saved_llama, tmp_path):
         "model.layers.0.self_attn.q_proj"]}), "does not exist in the model"),
     (lambda m: m.update(files={}), "'files' does not list model.safetensors"),
     (lambda m: m["files"].update({"model.safetensors": 7}), "malformed 'files' entry"),
+    (lambda m: m["tensors"].update({"model.norm.weight": 5}), "malformed 'tensors' entry for 'model.norm"),
+    (lambda m: m["tensors"]["model.norm.weight"].pop("dtype"), "malformed 'tensors' entry"),
+    (lambda m: m.update(model_config=[1, 2]), "malformed 'model_config'"),
     (lambda m: m["quantized_modules"]["model.layers.0.self_attn.q_proj"].update(bits=9),
      r"q_proj': bad manifest entry \(bits: expected an integer in \[2, 8\], got 9\)"),
     (lambda m: m["quantized_modules"]["model.layers.0.self_attn.q_proj"].update(bits="4"), "bits"),
@@ -612,6 +615,27 @@ def test_dequant_matmul_backward_passes_gradcheck(group_size):
     x = torch.randn(2, 3, D, generator=gen, dtype=torch.float64, requires_grad=True)
     f = lambda x, s, b: torch.ops.piso.dequant_matmul(x, packed, s, bits, group_size, D, b)
     assert torch.autograd.gradcheck(f, (x, scales, bias))
+
+
+@pytest.mark.parametrize("group_size", [-1, 4])
+def test_dequant_matmul_backward_without_bias(group_size):
+    """bias None (omitted or passed): the Llama/Qwen linears have none, so a backward through a
+    bias-free QuantLinear must work and give the gradients w.r.t. x and scales."""
+    gen = torch.Generator().manual_seed(4)
+    N, D, bits = 5, 12, 3
+    packed = torch.ops.piso.pack(torch.randint(-4, 4, (N, D), generator=gen, dtype=torch.int8), bits)
+    sshape = (N,) if group_size == -1 else (N, D // group_size)
+    scales = (torch.rand(sshape, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+    x = torch.randn(2, 3, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, s: torch.ops.piso.dequant_matmul(x, packed, s, bits, group_size, D), (x, scales))
+    assert torch.autograd.gradcheck(
+        lambda x, s: torch.ops.piso.dequant_matmul(x, packed, s, bits, group_size, D, None), (x, scales))
+    q = QuantLinear.from_float(nn.Linear(D, N, bias=False), bits, group_size)
+    xq = torch.randn(3, D, requires_grad=True)
+    q(xq).square().sum().backward()
+    W_hat = q.dequantize()
+    torch.testing.assert_close(xq.grad, 2 * (xq.detach() @ W_hat.T) @ W_hat, rtol=1e-4, atol=1e-5)
 
 
 def test_gradients_flow_through_quant_linear_as_through_its_dense_weight():

@@ -191,6 +191,13 @@ def cmd_quantize(args) -> int:
     t_load = time.perf_counter() - t0
     ids = _load_text_ids(tok, args.text, args.max_chars)
     calib, eval_ids = _calibration(tok, ids, cfg, args.calib_fraction)
+    if args.eval_tokens:  # found after quantizing, a bad evaluation lost the unsaved model
+        eval_seqlen = args.eval_seqlen or cfg.seqlen
+        n_eval = min(args.eval_tokens, eval_ids.numel())
+        if eval_seqlen < 2 or n_eval < eval_seqlen:
+            raise CliError(f"--eval-tokens {args.eval_tokens}: {n_eval} held-out tokens do not fill one "
+                           f"perplexity window of {eval_seqlen} (--eval-seqlen, default --seqlen; at "
+                           f"least 2); give more tokens or a smaller --eval-seqlen")
     print(f"# model {args.model or 'default'} loaded in {t_load:.1f} s; text: {ids.numel()} tokens, "
           f"calibration {tuple(calib.shape)} from the first {int(ids.numel() * args.calib_fraction)}")
     _reset_cuda_peak(cfg.device)
@@ -389,7 +396,7 @@ def paper_table_main(argv, *, description: str, default_rows, default_group_size
     ap.add_argument("--samples", type=int, default=128, help="paper: 128 x 2048")
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--eval-seqlen", type=int, default=None, help="perplexity window (default: --seqlen)")
-    ap.add_argument("--eval-tokens", type=int, default=0, help="0: all of the held-out part")
+    ap.add_argument("--eval-tokens", type=_non_negative_int, default=0, help="0: all of the held-out part")
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
     if need_groups and args.group_size < 1:
@@ -410,8 +417,9 @@ def cmd_demo(args) -> int:
     t_start = time.perf_counter()
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     from .config import QuantConfig
-    for r in recipes:  # fail fast on a typo, before the expensive part
-        QuantConfig.recipe(r)
+    for r in recipes:  # fail fast on a typo or a bad override, before the expensive part
+        QuantConfig.recipe(r, bits=args.bits, group_size=args.group_size, n_samples=args.samples,
+                           seqlen=args.seqlen, seed=args.seed)
     print(f"# torch_piso demo: {args.bits}-bit, group size {args.group_size}, recipes {', '.join(recipes)}")
     print(f"# {_machine()}")
     t0 = time.perf_counter()
@@ -446,6 +454,13 @@ def cmd_demo(args) -> int:
 
 
 # ---------------------------------------------------------------------------------- parser
+def _non_negative_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {v}")
+    return v
+
+
 def _add_common(p, seqlen_default=None):
     p.add_argument("--model", default=None, help="HF directory, .gguf file or hub id "
                    "(default: the offline SmolLM2-135M-Instruct GGUF)")
@@ -487,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(q)
     q.add_argument("--out", default=None, help="directory for the quantized model (+ tokenizer, "
                    f"{RUN_JSON})")
-    q.add_argument("--eval-tokens", type=int, default=0,
+    q.add_argument("--eval-tokens", type=_non_negative_int, default=0,
                    help="also report perplexity on this many held-out tokens (0: no)")
     q.add_argument("--eval-seqlen", type=int, default=None)
     q.add_argument("--checkpoint-dir", default=None,
@@ -507,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seqlen", type=int, default=2048)
     e.add_argument("--batch-size", type=int, default=1)
     e.add_argument("--max-windows", type=int, default=None)
-    e.add_argument("--eval-tokens", type=int, default=0, help="only the first N tokens (0: all)")
+    e.add_argument("--eval-tokens", type=_non_negative_int, default=0, help="only the first N tokens (0: all)")
     e.add_argument("--json", default=None, help="also write the result to this JSON file")
     e.set_defaults(func=cmd_eval)
 
@@ -521,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--samples", type=int, default=8, help="calibration sequences")
     d.add_argument("--seqlen", type=int, default=256, help="calibration sequence length")
     d.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window")
-    d.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored")
+    d.add_argument("--eval-tokens", type=_non_negative_int, default=8192, help="held-out tokens scored")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out-dir", default="outputs")
     d.add_argument("--verbose", action="store_true", help="print the per-module table of each recipe")
@@ -532,13 +547,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .data import TextLoadError
+    from .distributed import CheckpointMismatchError
     from .io import QuantizedCheckpointError
     from .load import ModelLoadError
 
     try:
         _check_device(args.device, "--device")
         return args.func(args)
-    except (CliError, ModelLoadError, TextLoadError, QuantizedCheckpointError, FileExistsError) as exc:
+    except (CliError, ModelLoadError, TextLoadError, QuantizedCheckpointError, FileExistsError,
+            CheckpointMismatchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # bad arguments found late (text too short, group size, recipe ...)

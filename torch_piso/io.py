@@ -218,6 +218,13 @@ def read_manifest(directory: Union[str, os.PathLike], verify: bool = True) -> di
     for fname, meta in manifest["files"].items():
         if not isinstance(meta, dict):
             raise QuantizedCheckpointError(f"{mpath}: malformed 'files' entry for {fname!r}")
+    for name, meta in manifest["tensors"].items():
+        if not (isinstance(meta, dict) and isinstance(meta.get("shape"), list)
+                and isinstance(meta.get("dtype"), str)):
+            raise QuantizedCheckpointError(f"{mpath}: malformed 'tensors' entry for {name!r} "
+                                           f"(needs a list 'shape' and a string 'dtype'): {meta!r}")
+    if manifest.get("model_config") is not None and not isinstance(manifest["model_config"], dict):
+        raise QuantizedCheckpointError(f"{mpath}: malformed 'model_config' (expected a mapping)")
     if verify:
         for fname, meta in manifest["files"].items():
             p = d / fname

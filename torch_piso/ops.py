@@ -387,7 +387,8 @@ def _dm_backward(ctx, g):
         else:
             grad_s = P.reshape(P.shape[0], -1, group_size).sum(2)
         grad_s = grad_s.to(s_dtype)
-    if ctx.needs_input_grad[6]:
+    # bias=None may reach the op as an omitted trailing argument: needs_input_grad then has 6 entries
+    if b_dtype is not None and ctx.needs_input_grad[6]:
         grad_b = g2.sum(0).to(b_dtype)
     return grad_x, None, grad_s, None, None, None, grad_b
 
