@@ -329,3 +329,52 @@ def test_checkpoint_dir_inside_out_is_refused_before_loading_the_model(assets, t
         assert _quantize(assets, tmp_path / "o", "--checkpoint-dir", str(ck)) == 2
         assert "lies inside --out" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("cmd, flags, match", [
+    ("quantize", ["--calib-fraction", "1.5"], "--calib-fraction: expected a number in (0, 1)"),
+    ("quantize", ["--calib-fraction", "0"], "--calib-fraction: expected a number in (0, 1)"),
+    ("demo", ["--calib-fraction", "-0.1"], "--calib-fraction: expected a number in (0, 1)"),
+    ("eval", ["--calib-fraction", "1"], "--calib-fraction: expected a number in [0, 1)"),
+    # --damp is GPTQ's; Qronos ignored it silently
+    ("quantize", ["--recipe", "qronos*piso", "--damp", "0.1"], "Qronos damps with --qronos-alpha"),
+    ("quantize", ["--recipe", "gptq*piso", "--qronos-alpha", "1e-3"], "GPTQ damps with --damp"),
+    ("quantize", ["--recipe", "rtn-piso", "--damp", "0.1"], "error correction is 'none'"),
+])
+def test_flags_the_run_would_ignore_or_misread_are_refused_before_loading_the_model(
+        assets, capsys, no_model_load, cmd, flags, match):
+    model_dir, text, _ = assets
+    capsys.readouterr()
+    assert main([cmd, "--model", str(model_dir), "--text", str(text), "--quiet", *flags]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_qronos_alpha_flag_reaches_the_config(assets, tmp_path):
+    import json
+
+    out = tmp_path / "q"
+    assert _quantize(assets, out, "--ec", "qronos", "--interleave", "layer",
+                     "--qronos-alpha", "0.001") == 0
+    run = json.loads((out / "piso_run.json").read_text())
+    assert run["config"]["qronos_alpha"] == 0.001 and run["config"]["error_correction"] == "qronos"
+
+
+def test_quantize_writes_tokenizer_and_run_log_atomically_with_the_save(assets, tmp_path,
+                                                                        monkeypatch):
+    """The tokenizer and piso_run.json are written into the save's temporary directory: a failure
+    while writing them leaves no output directory (before, a model without its tokenizer)."""
+    import transformers
+
+    out = tmp_path / "q"
+
+    def fail(self, *a, **k):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", fail)
+    with pytest.raises(OSError, match="simulated"):
+        _quantize(assets, out)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    assert _quantize(assets, out) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"quantized.json", "model.safetensors", "piso_run.json", "tokenizer_config.json"} <= names

@@ -438,6 +438,14 @@ def test_quantconfig_validation_errors_name_the_field(kw, match):
         QuantConfig(**kw)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(error_correction="gptq", scales="absmax")])
+def test_quantconfig_ignores_interleave_where_it_does_not_apply(kw):
+    """interleave applies only with error correction and non-absmax scales (the module docs): a
+    per-channel RTN or GPTQ + absmax config with interleave='group' was refused."""
+    cfg = QuantConfig(interleave="group", group_size=-1, **kw)
+    assert cfg.effective_interleave is None and cfg.scales_update == "none"
+
+
 def test_quantconfig_from_dict_rejects_unknown_keys_and_round_trips(tmp_path):
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['bitz'\]"):
         QuantConfig.from_dict({"bitz": 3})

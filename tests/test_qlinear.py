@@ -465,6 +465,12 @@ def test_load_rejects_corrupted_bytes_of_the_same_size(saved_llama, tmp_path):
     (lambda m: m["tensors"].update({"model.norm.weight": 5}), "malformed 'tensors' entry for 'model.norm"),
     (lambda m: m["tensors"]["model.norm.weight"].pop("dtype"), "malformed 'tensors' entry"),
     (lambda m: m.update(model_config=[1, 2]), "malformed 'model_config'"),
+    # the manifest lists only files inside the save; nothing else is ever read (hashed)
+    (lambda m: m["files"].update({"../outside": {"size": 1, "sha256": "0"}}),
+     "'../outside' is not a file name inside the directory"),
+    (lambda m: m["files"].update({"/etc/hostname": {"size": 1, "sha256": "0"}}),
+     "is not a file name inside the directory"),
+    (lambda m: m.update(attn_implementation=3), "malformed 'attn_implementation'"),
     (lambda m: m["quantized_modules"]["model.layers.0.self_attn.q_proj"].update(bits=9),
      r"q_proj': bad manifest entry \(bits: expected an integer in \[2, 8\], got 9\)"),
     (lambda m: m["quantized_modules"]["model.layers.0.self_attn.q_proj"].update(bits="4"), "bits"),
@@ -672,3 +678,30 @@ def test_replace_linear_replaces_a_shared_linear_at_every_name():
     s = nn.Sequential(lin, nn.ReLU(), lin)
     names = replace_linear(s, lambda n, l: QuantLinear.from_float(l, 4))
     assert names == ["0", "2"] and isinstance(s[0], QuantLinear) and isinstance(s[2], QuantLinear)
+
+
+def test_attention_implementation_is_kept_by_a_reload(tmp_path):
+    """A model built with eager attention came back as sdpa: the manifest did not record it."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    model = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="eager").eval()
+    quantize_some(model)
+    save_quantized(model, tmp_path / "q")
+    assert load_quantized(tmp_path / "q").config._attn_implementation == "eager"
+    again = load_quantized(tmp_path / "q", attn_implementation="sdpa")
+    assert again.config._attn_implementation == "sdpa"
+
+
+def test_extra_files_land_with_the_save_and_may_not_replace_its_own(tmp_path):
+    model = tiny_llama()
+    quantize_some(model)
+    save_quantized(model, tmp_path / "q", extra_files=lambda d: (d / "notes.txt").write_text("hi"))
+    assert (tmp_path / "q" / "notes.txt").read_text() == "hi"
+    load_quantized(tmp_path / "q")
+    with pytest.raises(ValueError, match="must not write"):
+        save_quantized(model, tmp_path / "r",
+                       extra_files=lambda d: (d / TENSORS_FILE).write_bytes(b"x"))
+    with pytest.raises(ValueError, match="must not write"):
+        save_quantized(model, tmp_path / "r", extra_files=lambda d: (d / MANIFEST).write_text("{}"))
+    assert not (tmp_path / "r").exists()

@@ -109,7 +109,8 @@ def _config_overrides(args) -> dict:
     """QuantConfig fields given explicitly on the command line."""
     table = {"bits": "bits", "group_size": "group_size", "scales": "scales", "ec": "error_correction",
              "interleave": "interleave", "group_variant": "group_variant", "objective": "objective",
-             "act_order": "act_order", "damp": "damp", "samples": "n_samples", "seqlen": "seqlen",
+             "act_order": "act_order", "damp": "damp", "qronos_alpha": "qronos_alpha",
+             "samples": "n_samples", "seqlen": "seqlen",
              "seed": "seed", "device": "device"}
     out = {}
     for a, field in table.items():
@@ -117,6 +118,18 @@ def _config_overrides(args) -> dict:
         if v is not None:
             out[field] = v
     return out
+
+
+def _check_ec_flags(args, cfg) -> None:
+    """--damp is GPTQ's damping, --qronos-alpha Qronos's ridge: each is refused where the recipe's
+    error correction would ignore it."""
+    ec = cfg.error_correction
+    if getattr(args, "damp", None) is not None and ec != "gptq":
+        raise CliError(f"--damp sets GPTQ's damping; this recipe's error correction is {ec!r}"
+                       + (" (Qronos damps with --qronos-alpha)" if ec == "qronos" else ""))
+    if getattr(args, "qronos_alpha", None) is not None and ec != "qronos":
+        raise CliError(f"--qronos-alpha sets Qronos's ridge; this recipe's error correction is {ec!r}"
+                       + (" (GPTQ damps with --damp)" if ec == "gptq" else ""))
 
 
 def build_config(recipe: Optional[str] = None, config_file: Optional[str] = None, **overrides):
@@ -138,6 +151,13 @@ def build_config(recipe: Optional[str] = None, config_file: Optional[str] = None
     if recipe:
         return QuantConfig.recipe(recipe, **overrides)
     return QuantConfig(**overrides)
+
+
+def _check_calib_fraction(f: float, zero_ok: bool = False) -> None:
+    """--calib-fraction, checked before the model is loaded."""
+    if not ((zero_ok and f == 0.0) or 0.0 < f < 1.0):
+        raise CliError(f"--calib-fraction: expected a number in {'[0, 1)' if zero_ok else '(0, 1)'}, "
+                       f"got {f}")
 
 
 def _calibration(tok, ids, cfg, calib_fraction):
@@ -176,6 +196,11 @@ def cmd_quantize(args) -> int:
     cfg = build_config(args.recipe, args.config, **_config_overrides(args))
     # everything that can be refused is refused before the model is loaded and quantized
     _check_device(cfg.device, "--device" if args.device else "QuantConfig.device")
+    _check_calib_fraction(args.calib_fraction)
+    _check_ec_flags(args, cfg)
+    if not args.out and not args.eval_tokens:
+        print("# note: no --out and no --eval-tokens: the quantized model is neither saved nor "
+              "evaluated, only its report is printed", file=sys.stderr)
     if args.out:
         check_save_target(args.out, "--out")
         if args.checkpoint_dir:
@@ -239,10 +264,13 @@ def cmd_quantize(args) -> int:
     if args.out:
         out = Path(args.out)
         model.to("cpu")
-        save_quantized(model, out, cfg.to_dict())
-        if tok is not None:
-            tok.save_pretrained(str(out))
-        _write_json(out / RUN_JSON, result)
+
+        def extras(tmp: Path) -> None:  # written into the save's temporary directory: atomic with it
+            if tok is not None:
+                tok.save_pretrained(str(tmp))
+            _write_json(tmp / RUN_JSON, result)
+
+        save_quantized(model, out, cfg.to_dict(), extra_files=extras)
         print(f"# saved to {out}")
     return 0
 
@@ -270,6 +298,7 @@ def cmd_eval(args) -> int:
 
     if args.quantized and args.model:
         raise CliError("give --model or --quantized, not both")
+    _check_calib_fraction(args.calib_fraction, zero_ok=True)
     t0 = time.perf_counter()
     if args.quantized:
         model, tok = load_quantized_with_tokenizer(args.quantized, device=args.device or "cpu")
@@ -416,6 +445,7 @@ def cmd_demo(args) -> int:
 
     t_start = time.perf_counter()
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    _check_calib_fraction(args.calib_fraction)
     from .config import QuantConfig
     for r in recipes:  # fail fast on a typo or a bad override, before the expensive part
         QuantConfig.recipe(r, bits=args.bits, group_size=args.group_size, n_samples=args.samples,
@@ -446,9 +476,12 @@ def cmd_demo(args) -> int:
             "seqlen": args.seqlen, "eval_seqlen": args.eval_seqlen, "eval_tokens": args.eval_tokens,
             "total_s": total}
     _write_json(base.with_suffix(".json"), {**meta, "rows": rows})
-    with open(base.with_suffix(".md"), "w") as f:
+    md = base.with_suffix(".md")
+    tmp = md.with_suffix(".md.tmp")
+    with open(tmp, "w") as f:
         f.write(f"# torch_piso demo, {meta['date']}\n\n{meta['machine']}\n\n`{' '.join(sys.argv)}`\n\n")
         f.write(table + f"\n\ntotal {total:.1f} s\n")
+    os.replace(tmp, md)
     print(f"# wrote {base}.json and {base}.md")
     return 0 if all(r.get("perplexity") is not None for r in rows) else 1
 
@@ -486,7 +519,9 @@ def _add_config_flags(p):
     p.add_argument("--objective", default=None)
     p.add_argument("--act-order", dest="act_order", action="store_true", default=None)
     p.add_argument("--no-act-order", dest="act_order", action="store_false")
-    p.add_argument("--damp", type=float, default=None)
+    p.add_argument("--damp", type=float, default=None, help="GPTQ: damping, a fraction of mean diag H")
+    p.add_argument("--qronos-alpha", type=float, default=None,
+                   help="Qronos: ridge, a fraction of the largest eigenvalue of H")
     p.add_argument("--samples", type=int, default=None, help="calibration sequences")
     p.add_argument("--seqlen", type=int, default=None, help="calibration sequence length")
     p.add_argument("--seed", type=int, default=None)

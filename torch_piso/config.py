@@ -136,7 +136,7 @@ class QuantConfig:
                 torch.device(self.device)
             except (RuntimeError, ValueError):
                 raise ValueError(f"QuantConfig.device: not a torch device: {self.device!r}") from None
-        if self.interleave == "group" and self.group_size == -1:
+        if self.effective_interleave == "group" and self.group_size == -1:
             raise ValueError("QuantConfig.interleave: 'group' (⊙†, group-interleaved) needs group_size > 0; "
                              "per-channel scales have only 'layer' (⊙) or 'decoupled' (+)")
         if self.uses_interleaved_piso and self.objective is not None:

@@ -125,7 +125,8 @@ def check_save_target(directory: Union[str, os.PathLike], what: str = "save_quan
 
 
 def save_quantized(model: nn.Module, directory: Union[str, os.PathLike],
-                   config: Optional[dict] = None) -> Path:
+                   config: Optional[dict] = None,
+                   extra_files: Optional[Callable[[Path], None]] = None) -> Path:
     """Writes ``model`` (with its QuantLinear modules) to ``directory`` atomically.
 
     ``config`` is the quantization config (any JSON-able dict, or an object with ``to_dict``); the
@@ -133,6 +134,10 @@ def save_quantized(model: nn.Module, directory: Union[str, os.PathLike],
     replaced only if it is itself a torch_piso save (never an unrelated directory); replaced whole,
     so files added to it since are gone. A symbolic link is followed: the save replaces the
     directory it points to, the link stays. Returns the (resolved) directory written.
+
+    ``extra_files``: called with the temporary directory before it is moved into place, to write
+    more files (a tokenizer, a run log) that appear atomically with the save. They are not listed
+    in the manifest and never read by :func:`load_quantized`.
     """
     from safetensors.torch import save_file
 
@@ -146,9 +151,11 @@ def save_quantized(model: nn.Module, directory: Union[str, os.PathLike],
                                "in_features": mod.in_features, "out_features": mod.out_features,
                                "bias": mod.bias is not None}
     tensors, aliases = _dedup_state_dict(model.state_dict())
-    model_config = None
+    model_config = attn_impl = None
     if getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
         model_config = _json_safe(model.config.to_dict())
+        attn_impl = getattr(model.config, "_attn_implementation", None)  # not in to_dict()
+        attn_impl = attn_impl if isinstance(attn_impl, str) else None
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -166,14 +173,28 @@ def save_quantized(model: nn.Module, directory: Union[str, os.PathLike],
             "quantization_config": _json_safe(config) if config is not None else None,
             "model_class": type(model).__name__,
             "model_config": model_config,
+            "attn_implementation": attn_impl,
             "packing": "int32 words, per-row little-endian bitstream of code + 2^(bits-1)",
         }
+        if extra_files is not None:
+            st = os.stat(tpath)
+            extra_files(tmp)
+            st2 = os.stat(tpath) if tpath.exists() else None
+            if (tmp / MANIFEST).exists() or st2 is None or \
+                    (st.st_ino, st.st_size, st.st_mtime_ns) != (st2.st_ino, st2.st_size, st2.st_mtime_ns):
+                raise ValueError(f"save_quantized: extra_files must not write {MANIFEST} or "
+                                 f"{TENSORS_FILE} (the save's own files)")
+            for p in tmp.rglob("*"):
+                if p.is_file() and not p.is_symlink():
+                    _fsync_file(p)
         mpath = tmp / MANIFEST
         with open(mpath, "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a save is an ordinary directory
+        for p in (tpath, mpath):
+            os.chmod(p, 0o644)
         _fsync_dir(tmp)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -218,6 +239,13 @@ def read_manifest(directory: Union[str, os.PathLike], verify: bool = True) -> di
     for fname, meta in manifest["files"].items():
         if not isinstance(meta, dict):
             raise QuantizedCheckpointError(f"{mpath}: malformed 'files' entry for {fname!r}")
+        if fname in ("", ".", "..") or Path(fname).name != fname or "\\" in fname:
+            # a save lists only files inside its own directory; never read (hash) anything else
+            raise QuantizedCheckpointError(f"{mpath}: 'files' entry {fname!r} is not a file name "
+                                           f"inside the directory")
+    if manifest.get("attn_implementation") is not None and \
+            not isinstance(manifest["attn_implementation"], str):
+        raise QuantizedCheckpointError(f"{mpath}: malformed 'attn_implementation' (expected a string)")
     for name, meta in manifest["tensors"].items():
         if not (isinstance(meta, dict) and isinstance(meta.get("shape"), list)
                 and isinstance(meta.get("dtype"), str)):
@@ -240,8 +268,10 @@ def read_manifest(directory: Union[str, os.PathLike], verify: bool = True) -> di
     return manifest
 
 
-def build_hf_model(model_config: dict, model_class: Optional[str] = None) -> nn.Module:
-    """Rebuilds a transformers causal LM from its ``config.to_dict()`` (no hub access)."""
+def build_hf_model(model_config: dict, model_class: Optional[str] = None,
+                   attn_implementation: Optional[str] = None) -> nn.Module:
+    """Rebuilds a transformers causal LM from its ``config.to_dict()`` (no hub access), with the
+    given attention implementation (None: transformers' default)."""
     import transformers
 
     cfg = dict(model_config)
@@ -249,15 +279,17 @@ def build_hf_model(model_config: dict, model_class: Optional[str] = None) -> nn.
     if model_type is None:
         raise QuantizedCheckpointError("model_config has no model_type; pass a model or a factory")
     config = transformers.AutoConfig.for_model(model_type, **cfg)
+    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
     cls = getattr(transformers, model_class, None) if model_class else None
     if cls is not None and hasattr(cls, "_from_config"):
-        return cls._from_config(config)
-    return transformers.AutoModelForCausalLM.from_config(config)
+        return cls._from_config(config, **kw)
+    return transformers.AutoModelForCausalLM.from_config(config, **kw)
 
 
 def load_quantized(directory: Union[str, os.PathLike],
                    model: Union[nn.Module, Callable[..., nn.Module], None] = None,
-                   device: Union[str, torch.device] = "cpu") -> nn.Module:
+                   device: Union[str, torch.device] = "cpu",
+                   attn_implementation: Optional[str] = None) -> nn.Module:
     """Loads a :func:`save_quantized` directory.
 
     ``model``: an ``nn.Module`` of the original (unquantized) architecture, modified in place; or a
@@ -265,7 +297,8 @@ def load_quantized(directory: Union[str, os.PathLike],
     to rebuild a transformers model from the saved model config -- returned in eval mode, like
     ``from_pretrained`` (a given model or a factory's model keeps the mode it was made in). The
     QuantLinear modules named in the manifest are swapped in, then every tensor is checked
-    (present, shape, dtype) and loaded.
+    (present, shape, dtype) and loaded. ``attn_implementation`` ("eager", "sdpa", ...) applies to
+    a rebuilt model; by default it is the one the saved model used.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -277,7 +310,8 @@ def load_quantized(directory: Union[str, os.PathLike],
             raise QuantizedCheckpointError(f"{d}: the manifest holds no model_config; pass a model "
                                            f"or a factory to load_quantized")
         # from_config builds in training mode: dropout would make every forward differ
-        model = build_hf_model(manifest["model_config"], manifest.get("model_class")).eval()
+        model = build_hf_model(manifest["model_config"], manifest.get("model_class"),
+                               attn_implementation or manifest.get("attn_implementation")).eval()
     elif not isinstance(model, nn.Module):
         takes_arg = True
         try:
