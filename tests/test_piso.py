@@ -135,6 +135,36 @@ def test_event_parallel_equals_sequential(hkind):
         assert same.all()
 
 
+@pytest.mark.parametrize("hkind", ["identity", "diag", "dense"])
+def test_exact_objective_ties_between_intervals_go_to_the_largest_scale(hkind):
+    """Rows whose nonzero weights share one magnitude c = 105/128 (c/q exact for q = 1..8) and
+    H = I (as identity, diagonal or dense), lin = w: every interval q = 1..min(qmax, -qmin) reaches
+    E = -|w|^2 exactly, the global minimum. ALGORITHM.md §2.4 accepts a candidate only if E < best
+    so far (strict), in sweep order of descending s, so the first interval, s = c, must win in every
+    sweep implementation (and the event-parallel argmin takes the first minimum likewise)."""
+    gen = torch.Generator().manual_seed(31)
+    c = 105 / 128
+    for bits, narrow in [(2, False), (3, False), (3, True), (4, False), (4, True)]:
+        qmin, qmax = ref.int_grid(bits, narrow)
+        D = 24
+        W = c * torch.randint(-1, 2, (6, D), generator=gen).to(f64)
+        W[:, 0] = c
+        W[1] = 0
+        W[1, 3] = -c  # a single nonzero weight
+        W[2] = -c
+        H = {"identity": None, "diag": torch.ones(D, dtype=f64),
+             "dense": torch.eye(D, dtype=f64)}[hkind]
+        lin = W.clone()
+        algos = ["sequential", "event_parallel"]
+        if hkind == "dense":
+            algos += ["sequential_prefix", "sequential_events", "sequential_table"]
+        for dtype in (f64, torch.float32):
+            for algo in algos:
+                s, obj = ops._piso_sweep(W.to(dtype), lin, H, qmin, qmax, 1e-9, algo)
+                torch.testing.assert_close(obj, -(W * W).sum(1), rtol=0, atol=0)
+                assert (s.to(f64) == c).all(), (bits, narrow, dtype, algo, s)
+
+
 @pytest.mark.parametrize("wkind", ["gauss", "ties", "bf16"])
 def test_prefix_u_equals_per_event_updates_and_brute_force(wkind):
     """The three ways to the u values of the CPU sweep (prefix sums over coordinates sorted by |w|,
