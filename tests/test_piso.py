@@ -111,6 +111,25 @@ def test_float32_scale_reproduces_interval_codes_with_tiny_eps():
             torch.testing.assert_close(obj, e, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("algorithm", ["sequential", "event_parallel"])
+def test_float64_scale_reproduces_interval_codes_with_eps_zero(algorithm):
+    """eps = 0 with float64 W: a scale clipped to its interval's lower breakpoint must still keep
+    the safety margin of a few fp64 ulps (piso_internal.h, kMargin), so that RTN at the returned
+    scale -- fl64(w / s), round half to even -- reproduces the interval's codes and the objective
+    the sweep reports."""
+    gen = torch.Generator().manual_seed(43)
+    for trial in range(8):
+        bits = [2, 3, 4, 8][trial % 4]
+        qmin, qmax = ref.int_grid(bits)
+        D = [12, 40][trial % 2]
+        W = make_W(["bf16", "gauss"][trial % 2], 64, D, gen)
+        H = spd(D, gen)
+        lin = torch.randn(64, D, dtype=f64, generator=gen) if trial % 3 else ref._lin(W, H, None)
+        s, obj = ops._piso_sweep(W, lin, H, qmin, qmax, 0.0, algorithm)
+        torch.testing.assert_close(ref.objective_lin(W, lin, s, H, qmin, qmax), obj, rtol=1e-9,
+                                   atol=1e-12)
+
+
 # ------------------------------------------------------------------------------------------------
 # Algorithms agree
 # ------------------------------------------------------------------------------------------------
