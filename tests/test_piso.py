@@ -693,6 +693,32 @@ def test_float64_rows_far_from_one_give_the_scaled_scales(k, h_kind):
         assert torch.equal(s_h, s)
 
 
+@pytest.mark.parametrize("h_kind", ["identity", "diagonal", "dense"])
+@pytest.mark.parametrize("algorithm", ["sequential", "event_parallel"])
+def test_sweep_objective_of_float64_rows_far_from_one_is_in_the_callers_units(h_kind, algorithm):
+    """_piso_sweep scales float64 rows (and H with lin) far from 1 by powers of two internally; the
+    objective it returns must be scaled back: a row scaled by 2^a with H scaled by 2^h (lin by
+    2^(a+h)) has E scaled by exactly 2^(2a+h), and it is the objective at the returned scale."""
+    gen = torch.Generator().manual_seed(47)
+    D = 12
+    W = make_W("gauss", 4, D, gen)
+    H = {"identity": None, "diagonal": torch.rand(D, dtype=f64, generator=gen) + 0.1,
+         "dense": spd(D, gen)}[h_kind]
+    lin = ref._lin(W, H, None)
+    qmin, qmax = ref.int_grid(3)
+    s, obj = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, algorithm)
+    a = torch.tensor([0, 300, -300, 350], dtype=f64)  # per-row exponents, also mixed in one call
+    for h in ([0] if H is None else [0, 270, -290]):
+        ra = (2.0 ** a).unsqueeze(1)
+        Ws, lins = W * ra, lin * ra * 2.0 ** h
+        Hs = None if H is None else H * 2.0 ** h
+        s2, obj2 = ops._piso_sweep(Ws, lins, Hs, qmin, qmax, 1e-9, algorithm)
+        assert torch.equal(s2, s * 2.0 ** a)
+        assert torch.equal(obj2, obj * 2.0 ** (2 * a + h))
+        torch.testing.assert_close(ref.objective_lin(Ws, lins, s2, Hs, qmin, qmax), obj2,
+                                   rtol=1e-9, atol=0)
+
+
 def test_quantize_rtn_rejects_a_dequantized_value_that_overflows_float16():
     W = torch.tensor([[-65504.0, 40000.0]], dtype=torch.float16)
     s = ops.optimal_scales(W, None, None, 2)
