@@ -305,6 +305,32 @@ def test_dead_input_of_diagonal_H_never_breaks_the_row():
     assert ref.objective(W, s, h, None, 3) <= e_b + tol(e_b)
 
 
+@pytest.mark.parametrize("algorithm", ["sequential", "event_parallel"])
+@pytest.mark.parametrize("h_kind", ["diagonal", "dense"])
+def test_absmax_fallback_reports_the_objective_at_its_scale(algorithm, h_kind):
+    """A row whose weights sit only on dead inputs (beta = 0 on every interval: no candidate) gets
+    the absmax fallback scale, and the objective returned with it is E at that scale -- with a
+    nonzero linear term it is -2 s q^T lin, not 0."""
+    gen = torch.Generator().manual_seed(53)
+    D = 10
+    dead = (2, 5)
+    H = spd(D, gen, dead=dead) if h_kind == "dense" else torch.rand(D, dtype=f64, generator=gen) + 0.1
+    if h_kind == "diagonal":
+        H[list(dead)] = 0
+    W = torch.randn(4, D, dtype=f64, generator=gen)
+    W[0] = 0
+    W[0, 2], W[0, 5] = 0.7, -0.3
+    W[1] = 0
+    W[1, 5] = 1.3
+    lin = torch.randn(4, D, dtype=f64, generator=gen)
+    for qmin, qmax in [(-8, 7), (-7, 7), (-2, 1)]:
+        s, obj = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, algorithm)
+        assert s[0] == 0.7 / -qmin and s[1] == 1.3 / -qmin
+        e = ref.objective_lin(W, lin, s, H, qmin, qmax)
+        assert (e[:2] != 0).all()
+        torch.testing.assert_close(obj, e, rtol=1e-12, atol=0)
+
+
 # ------------------------------------------------------------------------------------------------
 # Group-wise PiSO_I / PiSO_S
 # ------------------------------------------------------------------------------------------------
