@@ -194,6 +194,24 @@ def test_group_absmax_first_group_uses_untouched_weights_in_gptq():
     torch.testing.assert_close(s[:, k0], R.absmax_scales(W, 16, -4)[:, k0])
 
 
+@pytest.mark.parametrize("algo", ["gptq", "qronos"])
+@pytest.mark.parametrize("mode", ["group", "group_sequential", "group_absmax"])
+def test_group_modes_with_a_block_size_not_a_multiple_of_the_group_size(algo, mode):
+    """block_size 24 or 40 with groups of 16: the lazy-batch blocks are rounded to whole groups, so
+    every group's scale is computed from fully error-diffused weights; the same codes and scales as
+    the reference (which applies the pending block update explicitly before every group)."""
+    W, H, G = _problem(N=32, D=64)
+    for bs in (24, 40):
+        if algo == "gptq":
+            c, s, wh = gptq_op(W, H, 3, 16, None, mode, True, bs)
+            rc, rs, rwh = R.gptq(W, H, 3, 16, None, mode, True, bs)
+        else:
+            c, s, wh = qronos_op(W, H, G, 3, 16, None, mode, True, bs)
+            rc, rs, rwh = R.qronos(W, H, G, 3, 16, None, mode, True, bs)
+        _assert_same_codes(c, rc, wh, rwh)
+        torch.testing.assert_close(s, rs, atol=1e-10, rtol=1e-10)
+
+
 # ------------------------------------------------------------------------------------------------
 # Damping, escalation and the RTN fallback
 # ------------------------------------------------------------------------------------------------
