@@ -231,6 +231,29 @@ def test_indefinite_H_escalates_damping_with_warning_and_no_nan(capfd):
 
 
 @pytest.mark.parametrize("algo", ["gptq", "qronos"])
+def test_zero_damping_escalates_to_a_positive_damping(algo, capfd):
+    """damp = 0 (GPTQ) or alpha = 0 (Qronos) on an H that is not positive definite: the first step
+    of the ladder is 1e-6 x mean diag H (x10 from 0 would stay 0), so H factors after escalation
+    instead of falling back to RTN."""
+    W, H, G = _problem(N=16, D=64, T=64)
+    m = torch.diag(H).mean()
+    lam_min = torch.linalg.eigvalsh(H).min()
+    H = H - (lam_min + 1e-7 * m) * torch.eye(64, dtype=H.dtype)  # min eigenvalue -1e-7 mean diag
+    st = _stats()
+    if algo == "gptq":
+        c, s, wh = gptq_op(W, H, 4, -1, None, "none", True, 128, 0.0, False, st)
+    else:
+        c, s, wh = qronos_op(W, H, G, 4, -1, None, "none", True, 128, 0.0, False, st)
+    assert "used damping" in capfd.readouterr().err
+    assert st[2].item() == 0.0  # factored, no RTN fallback
+    assert st[1].item() == pytest.approx(1e-6)  # the ladder's first step from 0
+    assert torch.isfinite(wh).all()
+    if algo == "gptq":
+        rc, _, rwh = R.gptq(W, H, 4, -1, None, "none", True, 128, st[1].item())
+        _assert_same_codes(c, rc, wh, rwh)
+
+
+@pytest.mark.parametrize("algo", ["gptq", "qronos"])
 @pytest.mark.parametrize("mode", ["none", "group_data_free"])
 def test_never_factoring_H_falls_back_to_rtn_with_warning(algo, mode, capfd):
     W, H, G = _problem(N=16, D=32)
