@@ -276,6 +276,23 @@ def test_never_factoring_H_falls_back_to_rtn_with_warning(algo, mode, capfd):
         torch.testing.assert_close(s, torch.ops.piso.optimal_scales(W, None, None, 4, 8))
 
 
+def test_group_sequential_scales_after_the_rtn_fallback_are_piso_S():
+    """When H never factors, GPTQ falls back to RTN (no error diffusion) and group_sequential must
+    evaluate PiSO_S's linear term by its definition (the GPTQ invariant that shortcuts it needs the
+    factorization): with act_order the groups run in PiSO_S's order, so the scales are those of
+    optimal_scales(sequential=True) on the same H."""
+    W, H, _ = _problem(N=16, D=32)
+    H = H.clone()
+    H[3, 3] = -1e9
+    st = _stats()
+    c, s, wh = gptq_op(W, H, 4, 8, None, "group_sequential", True, 128, 0.01, False, st)
+    assert st[2].item() == 1.0
+    want = torch.ops.piso.optimal_scales(W, H, None, 4, 8, True)
+    torch.testing.assert_close(s, want, rtol=1e-10, atol=0)
+    rc, _ = RP.quantize_rtn(W, s, 4, 8)
+    assert torch.equal(c, rc)
+
+
 # ------------------------------------------------------------------------------------------------
 # Qronos
 # ------------------------------------------------------------------------------------------------
