@@ -194,6 +194,24 @@ def test_group_absmax_first_group_uses_untouched_weights_in_gptq():
     torch.testing.assert_close(s[:, k0], R.absmax_scales(W, 16, -4)[:, k0])
 
 
+@pytest.mark.parametrize("algo", ["gptq", "qronos"])
+@pytest.mark.parametrize("mode", ["group", "group_sequential", "group_absmax"])
+def test_group_modes_with_a_block_size_not_a_multiple_of_the_group_size(algo, mode):
+    """block_size 24 or 40 with groups of 16: the lazy-batch blocks are rounded to whole groups, so
+    every group's scale is computed from fully error-diffused weights; the same codes and scales as
+    the reference (which applies the pending block update explicitly before every group)."""
+    W, H, G = _problem(N=32, D=64)
+    for bs in (24, 40):
+        if algo == "gptq":
+            c, s, wh = gptq_op(W, H, 3, 16, None, mode, True, bs)
+            rc, rs, rwh = R.gptq(W, H, 3, 16, None, mode, True, bs)
+        else:
+            c, s, wh = qronos_op(W, H, G, 3, 16, None, mode, True, bs)
+            rc, rs, rwh = R.qronos(W, H, G, 3, 16, None, mode, True, bs)
+        _assert_same_codes(c, rc, wh, rwh)
+        torch.testing.assert_close(s, rs, atol=1e-10, rtol=1e-10)
+
+
 # ------------------------------------------------------------------------------------------------
 # Damping, escalation and the RTN fallback
 # ------------------------------------------------------------------------------------------------
@@ -210,6 +228,29 @@ def test_indefinite_H_escalates_damping_with_warning_and_no_nan(capfd):
     assert st[1].item() == pytest.approx(0.1)  # one x10 escalation
     rc, _, rwh = R.gptq(W, H, 4, -1, None, "none", True, 128, 0.1)
     _assert_same_codes(c, rc, wh, rwh)
+
+
+@pytest.mark.parametrize("algo", ["gptq", "qronos"])
+def test_zero_damping_escalates_to_a_positive_damping(algo, capfd):
+    """damp = 0 (GPTQ) or alpha = 0 (Qronos) on an H that is not positive definite: the first step
+    of the ladder is 1e-6 x mean diag H (x10 from 0 would stay 0), so H factors after escalation
+    instead of falling back to RTN."""
+    W, H, G = _problem(N=16, D=64, T=64)
+    m = torch.diag(H).mean()
+    lam_min = torch.linalg.eigvalsh(H).min()
+    H = H - (lam_min + 1e-7 * m) * torch.eye(64, dtype=H.dtype)  # min eigenvalue -1e-7 mean diag
+    st = _stats()
+    if algo == "gptq":
+        c, s, wh = gptq_op(W, H, 4, -1, None, "none", True, 128, 0.0, False, st)
+    else:
+        c, s, wh = qronos_op(W, H, G, 4, -1, None, "none", True, 128, 0.0, False, st)
+    assert "used damping" in capfd.readouterr().err
+    assert st[2].item() == 0.0  # factored, no RTN fallback
+    assert st[1].item() == pytest.approx(1e-6)  # the ladder's first step from 0
+    assert torch.isfinite(wh).all()
+    if algo == "gptq":
+        rc, _, rwh = R.gptq(W, H, 4, -1, None, "none", True, 128, st[1].item())
+        _assert_same_codes(c, rc, wh, rwh)
 
 
 @pytest.mark.parametrize("algo", ["gptq", "qronos"])
@@ -233,6 +274,23 @@ def test_never_factoring_H_falls_back_to_rtn_with_warning(algo, mode, capfd):
         torch.testing.assert_close(s, R.absmax_scales(W, 8, -8))
     else:
         torch.testing.assert_close(s, torch.ops.piso.optimal_scales(W, None, None, 4, 8))
+
+
+def test_group_sequential_scales_after_the_rtn_fallback_are_piso_S():
+    """When H never factors, GPTQ falls back to RTN (no error diffusion) and group_sequential must
+    evaluate PiSO_S's linear term by its definition (the GPTQ invariant that shortcuts it needs the
+    factorization): with act_order the groups run in PiSO_S's order, so the scales are those of
+    optimal_scales(sequential=True) on the same H."""
+    W, H, _ = _problem(N=16, D=32)
+    H = H.clone()
+    H[3, 3] = -1e9
+    st = _stats()
+    c, s, wh = gptq_op(W, H, 4, 8, None, "group_sequential", True, 128, 0.01, False, st)
+    assert st[2].item() == 1.0
+    want = torch.ops.piso.optimal_scales(W, H, None, 4, 8, True)
+    torch.testing.assert_close(s, want, rtol=1e-10, atol=0)
+    rc, _ = RP.quantize_rtn(W, s, 4, 8)
+    assert torch.equal(c, rc)
 
 
 # ------------------------------------------------------------------------------------------------

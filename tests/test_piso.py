@@ -111,6 +111,25 @@ def test_float32_scale_reproduces_interval_codes_with_tiny_eps():
             torch.testing.assert_close(obj, e, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("algorithm", ["sequential", "event_parallel"])
+def test_float64_scale_reproduces_interval_codes_with_eps_zero(algorithm):
+    """eps = 0 with float64 W: a scale clipped to its interval's lower breakpoint must still keep
+    the safety margin of a few fp64 ulps (piso_internal.h, kMargin), so that RTN at the returned
+    scale -- fl64(w / s), round half to even -- reproduces the interval's codes and the objective
+    the sweep reports."""
+    gen = torch.Generator().manual_seed(43)
+    for trial in range(8):
+        bits = [2, 3, 4, 8][trial % 4]
+        qmin, qmax = ref.int_grid(bits)
+        D = [12, 40][trial % 2]
+        W = make_W(["bf16", "gauss"][trial % 2], 64, D, gen)
+        H = spd(D, gen)
+        lin = torch.randn(64, D, dtype=f64, generator=gen) if trial % 3 else ref._lin(W, H, None)
+        s, obj = ops._piso_sweep(W, lin, H, qmin, qmax, 0.0, algorithm)
+        torch.testing.assert_close(ref.objective_lin(W, lin, s, H, qmin, qmax), obj, rtol=1e-9,
+                                   atol=1e-12)
+
+
 # ------------------------------------------------------------------------------------------------
 # Algorithms agree
 # ------------------------------------------------------------------------------------------------
@@ -133,6 +152,36 @@ def test_event_parallel_equals_sequential(hkind):
         same = (s1 == s2) | torch.isclose(ref.objective_lin(W, lin, s2, H, qmin, qmax), o1,
                                           rtol=1e-9, atol=1e-12)
         assert same.all()
+
+
+@pytest.mark.parametrize("hkind", ["identity", "diag", "dense"])
+def test_exact_objective_ties_between_intervals_go_to_the_largest_scale(hkind):
+    """Rows whose nonzero weights share one magnitude c = 105/128 (c/q exact for q = 1..8) and
+    H = I (as identity, diagonal or dense), lin = w: every interval q = 1..min(qmax, -qmin) reaches
+    E = -|w|^2 exactly, the global minimum. ALGORITHM.md §2.4 accepts a candidate only if E < best
+    so far (strict), in sweep order of descending s, so the first interval, s = c, must win in every
+    sweep implementation (and the event-parallel argmin takes the first minimum likewise)."""
+    gen = torch.Generator().manual_seed(31)
+    c = 105 / 128
+    for bits, narrow in [(2, False), (3, False), (3, True), (4, False), (4, True)]:
+        qmin, qmax = ref.int_grid(bits, narrow)
+        D = 24
+        W = c * torch.randint(-1, 2, (6, D), generator=gen).to(f64)
+        W[:, 0] = c
+        W[1] = 0
+        W[1, 3] = -c  # a single nonzero weight
+        W[2] = -c
+        H = {"identity": None, "diag": torch.ones(D, dtype=f64),
+             "dense": torch.eye(D, dtype=f64)}[hkind]
+        lin = W.clone()
+        algos = ["sequential", "event_parallel"]
+        if hkind == "dense":
+            algos += ["sequential_prefix", "sequential_events", "sequential_table"]
+        for dtype in (f64, torch.float32):
+            for algo in algos:
+                s, obj = ops._piso_sweep(W.to(dtype), lin, H, qmin, qmax, 1e-9, algo)
+                torch.testing.assert_close(obj, -(W * W).sum(1), rtol=0, atol=0)
+                assert (s.to(f64) == c).all(), (bits, narrow, dtype, algo, s)
 
 
 @pytest.mark.parametrize("wkind", ["gauss", "ties", "bf16"])
@@ -254,6 +303,32 @@ def test_dead_input_of_diagonal_H_never_breaks_the_row():
     s = ops.optimal_scales(W, h, None, 3)
     e_b, _ = ref.brute_force_scales(W, h, None, 3)
     assert ref.objective(W, s, h, None, 3) <= e_b + tol(e_b)
+
+
+@pytest.mark.parametrize("algorithm", ["sequential", "event_parallel"])
+@pytest.mark.parametrize("h_kind", ["diagonal", "dense"])
+def test_absmax_fallback_reports_the_objective_at_its_scale(algorithm, h_kind):
+    """A row whose weights sit only on dead inputs (beta = 0 on every interval: no candidate) gets
+    the absmax fallback scale, and the objective returned with it is E at that scale -- with a
+    nonzero linear term it is -2 s q^T lin, not 0."""
+    gen = torch.Generator().manual_seed(53)
+    D = 10
+    dead = (2, 5)
+    H = spd(D, gen, dead=dead) if h_kind == "dense" else torch.rand(D, dtype=f64, generator=gen) + 0.1
+    if h_kind == "diagonal":
+        H[list(dead)] = 0
+    W = torch.randn(4, D, dtype=f64, generator=gen)
+    W[0] = 0
+    W[0, 2], W[0, 5] = 0.7, -0.3
+    W[1] = 0
+    W[1, 5] = 1.3
+    lin = torch.randn(4, D, dtype=f64, generator=gen)
+    for qmin, qmax in [(-8, 7), (-7, 7), (-2, 1)]:
+        s, obj = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, algorithm)
+        assert s[0] == 0.7 / -qmin and s[1] == 1.3 / -qmin
+        e = ref.objective_lin(W, lin, s, H, qmin, qmax)
+        assert (e[:2] != 0).all()
+        torch.testing.assert_close(obj, e, rtol=1e-12, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -575,6 +650,33 @@ def test_prefix_table_and_per_event_sweeps_agree_on_random_rows(seed):
         torch.testing.assert_close(o3, o2, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("h_dtype", [f64, torch.float32])
+def test_per_event_sweep_with_a_row_whose_first_H_panels_hold_no_event(h_dtype):
+    """The per-event (dense_u) sweep walks H in panels of about 512 KiB of rows (218 rows of a
+    float64 H at D = 300, 327 of a float32 H at D = 400); a row whose weights are zero over a whole
+    leading panel has no event there, and its later panels must still be applied: the same
+    objective as the prefix-sum and table sweeps, and no worse than brute force."""
+    gen = torch.Generator().manual_seed(41)
+    D = 300 if h_dtype == f64 else 400
+    H = spd(D, gen).to(h_dtype)
+    for bits in (2, 4):
+        qmin, qmax = ref.int_grid(bits)
+        W = make_W("gauss", 4, D, gen)
+        W[0, : D - 40] = 0  # every panel but the last empty
+        W[1, : D // 2 + 100] = 0  # the first panel empty
+        W[2, 50:] = 0  # only the first panel holds events
+        lin = ref._lin(W, H, None)
+        s1, o1 = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, "sequential_events")
+        s2, o2 = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, "sequential_prefix")
+        s3, o3 = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, "sequential_table")
+        torch.testing.assert_close(o1, o2, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(o3, o2, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ref.objective_lin(W, lin, s1, H, qmin, qmax), o1, rtol=1e-9,
+                                   atol=1e-9)
+        e_b, _ = ref.brute_force_lin(W, lin, H, qmin, qmax, n=600)
+        assert (o1 <= e_b + tol(e_b)).all()
+
+
 @pytest.mark.parametrize("h_kind", ["diagonal", "identity"])
 def test_piso_s_with_cross_term_runs_sequentially_for_diagonal_and_identity_H(h_kind):
     """With G given, a diagonal (or identity) H no longer decouples the groups ((G w)_k reads every
@@ -615,6 +717,32 @@ def test_float64_rows_far_from_one_give_the_scaled_scales(k, h_kind):
     if H is not None:
         s_h = ops.optimal_scales(W, H * c, None, 3)
         assert torch.equal(s_h, s)
+
+
+@pytest.mark.parametrize("h_kind", ["identity", "diagonal", "dense"])
+@pytest.mark.parametrize("algorithm", ["sequential", "event_parallel"])
+def test_sweep_objective_of_float64_rows_far_from_one_is_in_the_callers_units(h_kind, algorithm):
+    """_piso_sweep scales float64 rows (and H with lin) far from 1 by powers of two internally; the
+    objective it returns must be scaled back: a row scaled by 2^a with H scaled by 2^h (lin by
+    2^(a+h)) has E scaled by exactly 2^(2a+h), and it is the objective at the returned scale."""
+    gen = torch.Generator().manual_seed(47)
+    D = 12
+    W = make_W("gauss", 4, D, gen)
+    H = {"identity": None, "diagonal": torch.rand(D, dtype=f64, generator=gen) + 0.1,
+         "dense": spd(D, gen)}[h_kind]
+    lin = ref._lin(W, H, None)
+    qmin, qmax = ref.int_grid(3)
+    s, obj = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, algorithm)
+    a = torch.tensor([0, 300, -300, 350], dtype=f64)  # per-row exponents, also mixed in one call
+    for h in ([0] if H is None else [0, 270, -290]):
+        ra = (2.0 ** a).unsqueeze(1)
+        Ws, lins = W * ra, lin * ra * 2.0 ** h
+        Hs = None if H is None else H * 2.0 ** h
+        s2, obj2 = ops._piso_sweep(Ws, lins, Hs, qmin, qmax, 1e-9, algorithm)
+        assert torch.equal(s2, s * 2.0 ** a)
+        assert torch.equal(obj2, obj * 2.0 ** (2 * a + h))
+        torch.testing.assert_close(ref.objective_lin(Ws, lins, s2, Hs, qmin, qmax), obj2,
+                                   rtol=1e-9, atol=0)
 
 
 def test_quantize_rtn_rejects_a_dequantized_value_that_overflows_float16():
