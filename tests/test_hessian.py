@@ -718,3 +718,28 @@ def test_collector_input_changed_in_place_between_two_consumers_is_not_shared():
     assert sorted(hc.groups()) == [("0",), ("1",)]
     torch.testing.assert_close(hc.H("1"), 9 * hc.H("0"), rtol=1e-5, atol=0)
 
+
+def test_collector_module_first_fed_in_a_later_forward_does_not_join_an_older_accumulator():
+    # b reads a's input only from the second forward on: it must not inherit a's first batch
+    class Late(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(5, 5), nn.Linear(5, 5)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.a(x) + (self.b(x) if self.calls > 1 else 0)
+
+    m = Late()
+    cap = _Capture(m, ["a", "b"])
+    with HessianCollector(m) as hc, torch.no_grad():
+        m(torch.randn(3, 5))
+        m(torch.randn(4, 5))
+    cap.remove()
+    for n in "ab":
+        H_ref, _, T = ref.normalized_statistics(cap.xs[n])
+        assert hc.tokens(n) == T
+        assert _rel_err(hc.H(n), H_ref) < 1e-6
+    assert hc.tokens("a") == 7 and hc.tokens("b") == 4
+
