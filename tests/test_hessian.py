@@ -743,3 +743,21 @@ def test_collector_module_first_fed_in_a_later_forward_does_not_join_an_older_ac
         assert _rel_err(hc.H(n), H_ref) < 1e-6
     assert hc.tokens("a") == 7 and hc.tokens("b") == 4
 
+
+def test_collector_H_and_G_return_new_tensors_even_after_a_group_member_was_popped():
+    block = _SharedInput()
+    x_q, x_fp = torch.randn(2, 5, 24), torch.randn(2, 5, 24)
+    with HessianCollector(block, ["q", "k", "v"], cross=True) as hc, torch.no_grad():
+        with hc.pass_("float"):
+            block(x_fp)
+        with hc.pass_("quant"):
+            block(x_q)
+        H, G, _ = hc.pop("q")  # normalizes the shared accumulator in place
+        H0, G0 = H.clone(), G.clone()
+        for n in "kv":
+            h, g = hc.H(n), hc.G(n)
+            assert torch.equal(h, H0) and torch.equal(g, G0)
+            h.add_(1)  # the caller owns what H()/G() return
+            g.add_(1)
+        assert torch.equal(hc.H("v"), H0) and torch.equal(hc.G("v"), G0)
+        assert torch.equal(H, H0) and torch.equal(G, G0)
