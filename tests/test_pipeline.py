@@ -243,11 +243,13 @@ def test_capture_runs_no_block_and_stores_each_shared_kwarg_once():
             assert not torch.equal(masks[0], masks[1])  # full vs sliding-window mask
 
 
-@pytest.mark.parametrize("ec,objective", [("gptq", "self"), ("qronos", "cross")])
-def test_decoupled_scales_equal_those_of_a_first_rtn_piso_pass(ec, objective):
+@pytest.mark.parametrize("ec,objective,dec_objective", [("gptq", "self", None), ("qronos", "cross", None),
+                                                     ("gptq", "cross", "cross"), ("qronos", "self", "self")])
+def test_decoupled_scales_equal_those_of_a_first_rtn_piso_pass(ec, objective, dec_objective):
     fp = model()
     rtn, _ = run(copy.deepcopy(fp), QuantConfig.recipe("rtn-piso", bits=3, objective=objective))
-    dec, report = run(copy.deepcopy(fp), QuantConfig.recipe(f"{ec}+piso", bits=3))
+    dec, report = run(copy.deepcopy(fp), QuantConfig.recipe(f"{ec}+piso", bits=3,
+                                                            objective=dec_objective))
     assert len(report["decoupled_pass1_rows"]) == 14
     rmods = dict(rtn.named_modules())
     differs = 0
