@@ -505,3 +505,18 @@ def test_quantize_model_under_inference_mode_equals_no_grad_and_leaves_normal_te
             assert torch.equal(mod.codes(), w[n].codes()) and torch.equal(mod.scales, w[n].scales), n
     assert not any(t.is_inference() for t in got.state_dict().values())
     got.load_state_dict(want.state_dict())  # in-place copies: impossible into inference tensors
+
+
+# ---------------------------------------------------------------------------------------------
+# gaps found by mutation testing
+# ---------------------------------------------------------------------------------------------
+def test_float_stream_model_H_fp_is_the_float_models_statistic_in_every_block():
+    """float_stream="model": the float pass of block i runs on the float model's block-i input, so
+    H_fp = XᵀX/T of every module equals a brute-force recomputation on the float model."""
+    fp = model()
+    spy = {}
+    run(copy.deepcopy(fp), QuantConfig.recipe("qronos-absmax", bits=2, float_stream="model"),
+        _spy=lambda n, d: spy.__setitem__(n, d["H_fp"].double().clone()))
+    float_H = _brute_force_H(fp, WATCH)
+    for n in WATCH:
+        torch.testing.assert_close(spy[n], float_H[n], rtol=1e-4, atol=1e-6)
