@@ -520,3 +520,26 @@ def test_float_stream_model_H_fp_is_the_float_models_statistic_in_every_block():
     float_H = _brute_force_H(fp, WATCH)
     for n in WATCH:
         torch.testing.assert_close(spy[n], float_H[n], rtol=1e-4, atol=1e-6)
+
+
+def test_calibration_samples_of_different_lengths_use_their_own_block_kwargs():
+    """Each sample's Hessian contribution is computed with the kwargs (mask, rotary cos/sin) of its
+    own length: H of later blocks equals the brute-force recomputation on the quantized model."""
+    cal = [CAL[0], CAL[1][:20], CAL[2][:27]]
+    spy = {}
+    m, _ = quantize_model_with_report(
+        model(), cal, QuantConfig.recipe("rtn-absmax", bits=3), progress=False, log=None,
+        _spy=lambda n, d: spy.__setitem__(n, (d["H"].double().clone(), d["tokens"])))
+    mods = dict(m.named_modules())
+    for n in WATCH:
+        x = []
+        h = mods[n].register_forward_pre_hook(
+            lambda mod, args: x.append(args[0].detach().reshape(-1, args[0].shape[-1]).double()))
+        with torch.no_grad():
+            for ids in cal:
+                m(ids[None])
+        h.remove()
+        X = torch.cat(x)
+        H, T = spy[n]
+        assert T == X.shape[0] == 32 + 20 + 27
+        torch.testing.assert_close(H, X.T @ X / T, rtol=1e-4, atol=1e-6)
