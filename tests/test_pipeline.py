@@ -543,3 +543,22 @@ def test_calibration_samples_of_different_lengths_use_their_own_block_kwargs():
         H, T = spy[n]
         assert T == X.shape[0] == 32 + 20 + 27
         torch.testing.assert_close(H, X.T @ X / T, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("narrow", [False, True])
+@pytest.mark.parametrize("gs", [-1, 16])
+def test_absmax_rtn_scales_are_max_abs_over_the_grid_edge(gs, narrow):
+    """rtn-absmax: s = max|w| / 2^(b-1) per row or group (narrow range: / (2^(b-1) - 1)), computed
+    here from the float weights, independently of the pipeline's helper."""
+    fp = model()
+    Ws = {n: mod.weight.detach().double().clone() for n, mod in fp.named_modules()
+          if isinstance(mod, nn.Linear)}
+    q, _ = run(fp, QuantConfig.recipe("rtn-absmax", bits=3, group_size=gs, narrow_range=narrow))
+    den = 4 - (1 if narrow else 0)
+    for n, mod in q.named_modules():
+        if isinstance(mod, QuantLinear):
+            W = Ws[n]
+            g = W.shape[1] if gs == -1 else gs
+            want = W.abs().reshape(W.shape[0], -1, g).amax(2) / den
+            want = want.reshape(-1) if gs == -1 else want
+            torch.testing.assert_close(mod.scales.double(), want, rtol=1e-6, atol=0)
