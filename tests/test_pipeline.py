@@ -562,3 +562,12 @@ def test_absmax_rtn_scales_are_max_abs_over_the_grid_edge(gs, narrow):
             want = W.abs().reshape(W.shape[0], -1, g).amax(2) / den
             want = want.reshape(-1) if gs == -1 else want
             torch.testing.assert_close(mod.scales.double(), want, rtol=1e-6, atol=0)
+
+
+def test_report_totals_are_the_sums_of_the_rows():
+    _, report = run(model(), QuantConfig.recipe("qronos*piso", bits=3))
+    rows, tot = report["rows"], report["totals"]
+    for key in ("loss_before", "loss_after", "scale_time_s", "ec_time_s"):
+        assert tot[key] == pytest.approx(sum(r[key] for r in rows), rel=1e-12, abs=0), key
+    assert tot["modules"] == len(rows) and tot["fell_back"] == sum(r["fell_back"] for r in rows)
+    assert tot["loss_after"] != tot["loss_before"]
