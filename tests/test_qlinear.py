@@ -705,3 +705,23 @@ def test_extra_files_land_with_the_save_and_may_not_replace_its_own(tmp_path):
     with pytest.raises(ValueError, match="must not write"):
         save_quantized(model, tmp_path / "r", extra_files=lambda d: (d / MANIFEST).write_text("{}"))
     assert not (tmp_path / "r").exists()
+
+
+def test_overwrite_whose_final_rename_fails_keeps_the_previous_save(saved_llama, tmp_path, monkeypatch):
+    import torch_piso.io as tio
+
+    d = _copy_save(saved_llama[1], tmp_path / "c")
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(src).name.startswith(".c.tmp-") and Path(dst) == d:
+            raise OSError("rename failed (simulated)")
+        real(src, dst)
+
+    monkeypatch.setattr(tio.os, "replace", replace)
+    with pytest.raises(OSError, match="simulated"):
+        save_quantized(tiny_llama(seed=3), d)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no temporaries left
+    with torch.no_grad():
+        assert torch.equal(load_quantized(d)(saved_llama[2]).logits, saved_llama[3])

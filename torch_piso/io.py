@@ -200,7 +200,11 @@ def save_quantized(model: nn.Module, directory: Union[str, os.PathLike],
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.rmdir(old)
             os.replace(target, old)  # both renames are atomic; the window has no half directory
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old, target)  # the second rename failed: put the previous save back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
