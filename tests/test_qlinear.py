@@ -456,6 +456,9 @@ def test_load_rejects_corrupted_bytes_of_the_same_size(saved_llama, tmp_path):
     (lambda m: m["tensors"]["model.layers.0.self_attn.q_proj.packed"].update(shape=[64, 9]),
      "in the file but"),
     (lambda m: m["tensors"].update({"ghost": {"shape": [1], "dtype": "float32"}}), "'ghost'.*missing"),
+    (lambda m: m["tensors"]["model.norm.weight"].update(dtype="float16"),
+     r"'model.norm.weight' is \[64\] float32 in the file but \[64\] float16 in the manifest"),
+    (lambda m: m["tensors"].pop("model.norm.weight"), r"holds tensors the manifest does not list"),
     (lambda m: m["quantized_modules"]["model.layers.0.self_attn.q_proj"].update(bits=3),
      "packed.*has shape"),
     (lambda m: m["quantized_modules"].update({"model.nothere": m["quantized_modules"][
