@@ -710,6 +710,25 @@ def test_extra_files_land_with_the_save_and_may_not_replace_its_own(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_buffers_viewing_one_storage_at_different_offsets_are_saved_separately(tmp_path):
+    # same storage, shape, stride and dtype, different storage_offset: two tensors, not an alias
+    class Views(nn.Module):
+        def __init__(self):
+            super().__init__()
+            base = torch.arange(8, dtype=torch.float32).reshape(2, 4)
+            self.register_buffer("a", base[0])
+            self.register_buffer("b", base[1])
+            self.lin = QuantLinear.from_float(nn.Linear(4, 3), 4)
+
+    m = Views()
+    save_quantized(m, tmp_path / "v")
+    assert json.loads((tmp_path / "v" / MANIFEST).read_text())["aliases"] == {}
+    fresh = Views()
+    fresh.a.zero_()  # one storage: zeroes both views
+    loaded = load_quantized(tmp_path / "v", fresh)
+    assert torch.equal(loaded.a, m.a) and torch.equal(loaded.b, m.b)
+
+
 def test_overwrite_whose_final_rename_fails_keeps_the_previous_save(saved_llama, tmp_path, monkeypatch):
     import torch_piso.io as tio
 
