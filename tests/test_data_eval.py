@@ -38,6 +38,15 @@ def test_calibration_windows_exact_fit_and_too_short():
         calibration_windows(ids.view(2, 5), 1, 4)
 
 
+def test_calibration_windows_start_anywhere_including_the_last_position():
+    # the first and the last possible window (and only those) are drawn, with and without BOS
+    for bos, seqlen in ((None, 9), (7, 10)):
+        ids = torch.arange(100, 110)  # 10 tokens, 9-token bodies: starts 0 and 1
+        w = calibration_windows(ids, 200, seqlen, seed=0, bos_token_id=bos)
+        first = w[:, 0 if bos is None else 1]
+        assert set(first.tolist()) == {100, 101}
+
+
 def test_split_text_no_overlap():
     ids = torch.arange(100)
     a, b = split_text(ids, 0.3)
