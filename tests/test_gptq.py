@@ -583,3 +583,15 @@ def test_qronos_target_keeps_the_weights_of_a_feature_dead_only_in_the_quantized
     assert not torch.allclose(Wh, Wh0)
     loss = lambda Wh: float(((X @ W.T - Xq @ Wh.T) ** 2).sum())
     assert loss(Wh) < loss(Wh0)  # the true cross objective prefers the target with x_5 w_5
+
+
+def test_qronos_ridge_pulls_a_dead_column_toward_its_original_weight_like_the_reference():
+    """Step 1b's ridge term λ·w_orig (§5.2): with a large alpha, a feature dead in X~ keeps the
+    shrunken original weight λw/(1+λ) (no data term), which RTN turns into nonzero codes; the op
+    and the reference agree on it."""
+    W, H, G, _, _ = _dead_feature_problem()
+    for act_order in (False, True):
+        c, s, wh = qronos_op(W, H, G, 4, -1, None, "none", act_order, 128, 1.0)
+        rc, rs, rwh = R.qronos(W, H, G, 4, -1, None, "none", act_order, 128, 1.0)
+        _assert_same_codes(c, rc, wh, rwh)
+        assert (rc[:, 5] != 0).any()
