@@ -817,3 +817,20 @@ def test_inputs_that_require_grad_give_the_same_values_and_no_graph():
     # opcheck's autograd-registration test runs on inputs that require grad.
     torch.library.opcheck(ops.gptq.default, (W.clone().requires_grad_(), H, 4))
     torch.library.opcheck(ops.hessian_accumulate_.default, (torch.zeros(D, D), xg))
+
+
+def test_brute_force_breakpoints_are_every_rounding_boundary_of_each_weight():
+    """The reference brute force's candidates: |w_i|/(k+½) for k = 0 .. L-1, L = qmax for w_i > 0,
+    -qmin for w_i < 0, none for 0 -- the scales at which some code of the row changes under RTN."""
+    for bits, narrow in ((3, False), (4, True), (2, False)):
+        qmin, qmax = ref.int_grid(bits, narrow)
+        w = torch.tensor([0.7, -1.3, 0.0, 2.0], dtype=f64)
+        bp = ref.breakpoints(w, qmin, qmax)
+        want = [abs(x) / (k + 0.5) for x, L in ((0.7, qmax), (-1.3, -qmin), (2.0, qmax))
+                for k in range(L)]
+        torch.testing.assert_close(bp.sort().values, torch.tensor(sorted(want), dtype=f64))
+        # at each breakpoint, codes change: just above and just below give different RTN codes
+        for b in bp.tolist():
+            lo = torch.clamp(torch.round(w / (b * (1 - 1e-9))), qmin, qmax)
+            hi = torch.clamp(torch.round(w / (b * (1 + 1e-9))), qmin, qmax)
+            assert not torch.equal(lo, hi), b
