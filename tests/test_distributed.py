@@ -267,11 +267,15 @@ SUBSET = ["rtn-absmax", "rtn-piso", "gptq+piso", "gptq*piso", "qronos*piso", "gp
 def _check_equal(out_dir, arch, rows):
     fracs = {}
     for recipe in rows:
-        ref, _ = single_process(arch, recipe, "float64")
+        ref, ref_rep = single_process(arch, recipe, "float64")
         fracs[recipe] = differing_fraction(out_dir, arch, recipe, ref)
         rep = json.loads((out_dir / f"{arch}-{recipe}.json").read_text())
         assert rep["distributed"]["world_size"] == 2
         assert {r.get("rank") for r in rep["rows"]} == {0, 1}  # both ranks quantized modules
+        # the reported absmax-RTN loss depends only on the (globally reduced) H, G and H_fp
+        want = {r["module"]: r["loss_before"] for r in ref_rep["rows"]}
+        for r in rep["rows"]:
+            assert r["loss_before"] == pytest.approx(want[r["module"]], rel=1e-6), (recipe, r["module"])
     print(f"\n{arch}: differing code fraction per row (float64 H, 2 ranks vs 1): {fracs}")
     assert max(fracs.values()) <= 1e-3, fracs
 
