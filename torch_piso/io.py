@@ -12,8 +12,13 @@ A saved directory holds
 
 Atomicity: everything is written into a sibling temporary directory (each file fsynced, then the
 directory), which is renamed onto the target only when complete -- a crash mid-save leaves at most a
-``.<name>.tmp-*`` directory that is never mistaken for a save. Loading checks the manifest before
-touching a tensor, and nothing is ever unpickled (safetensors + json only).
+``.<name>.tmp-*`` directory that is never mistaken for a save. Replacing an earlier save takes two
+renames (the old directory aside to ``.<name>.old-*``, the new one into place; an error in the
+second puts the old one back): a crash exactly between them leaves no directory at the target, the
+previous save intact under ``.<name>.old-*`` (POSIX has no atomic swap of directories). Loading
+checks the manifest before touching a tensor, and nothing is ever unpickled (safetensors + json
+only). Extra files (a tokenizer, a run log) can be written into the temporary directory
+(``save_quantized(..., extra_files=)``) so that they appear with the save.
 """
 from __future__ import annotations
 
