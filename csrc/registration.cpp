@@ -4,6 +4,7 @@
 // the backend-independent Autograd registration of the non-differentiable ops is at the end.
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -76,7 +77,16 @@ void below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch
   for (size_t i = 0; i < args.size(); ++i) {
     const auto* alias = args[i].alias_info();
     const auto& v = (*stack)[first + i];
-    if (alias && alias->isWrite() && v.isTensor()) written.push_back(v.toTensor());
+    if (!(alias && alias->isWrite() && v.isTensor())) continue;
+    const auto& t = v.toTensor();
+    // As ATen's in-place ops: refused before anything is written.
+    TORCH_CHECK(!t.requires_grad(), op.schema().name(), ": ", args[i].name(),
+                " requires grad, but the op writes it in place and is not differentiable; pass a "
+                "tensor that does not require grad (e.g. ", args[i].name(), ".detach())");
+    TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(), op.schema().name(), ": ",
+                args[i].name(), " is an inference tensor: writing it in place outside "
+                "InferenceMode is not allowed (make a clone first)");
+    written.push_back(t);
   }
   {
     at::AutoDispatchBelowADInplaceOrView guard;

@@ -814,6 +814,24 @@ def test_inputs_that_require_grad_give_the_same_values_and_no_graph():
         for a, b in zip(got, want):
             assert not a.requires_grad and a.grad_fn is None
             assert torch.equal(a, b)
+    # A written argument that requires grad, or an inference tensor outside InferenceMode, is
+    # refused before anything is written, as ATen's in-place ops do.
+    Hg = torch.zeros(D, D, requires_grad=True)
+    with pytest.raises(RuntimeError, match="H requires grad, but the op writes it in place"):
+        ops.hessian_accumulate_(Hg, x)
+    with pytest.raises(RuntimeError, match="G requires grad"):
+        ops.cross_accumulate_(torch.zeros(D, D, requires_grad=True), x, x)
+    with pytest.raises(RuntimeError, match="stats requires grad"):
+        ops.gptq(W, H, 4, -1, None, "none", True, 16, 0.01, False,
+                 torch.zeros(4, dtype=torch.float64, requires_grad=True))
+    assert torch.equal(Hg.detach(), torch.zeros(D, D))
+    with torch.inference_mode():
+        Hi = torch.zeros(D, D)
+        ops.hessian_accumulate_(Hi, x)  # inside InferenceMode: fine
+    Hi_before = Hi.clone()
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        ops.hessian_accumulate_(Hi, x)
+    assert torch.equal(Hi, Hi_before)
     # opcheck's autograd-registration test runs on inputs that require grad.
     torch.library.opcheck(ops.gptq.default, (W.clone().requires_grad_(), H, 4))
     torch.library.opcheck(ops.hessian_accumulate_.default, (torch.zeros(D, D), xg))
