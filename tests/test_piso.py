@@ -44,6 +44,19 @@ def H_variant(kind, D, gen):
     return spd(D, gen)
 
 
+def three_sweeps(W, lin, H, qmin, qmax):
+    """The CPU sweep's three ways to the u values (prefix sums, per-event updates, tables) on the
+    same problem: their objectives agree, and each is the reference objective at its own returned
+    scales. Returns the prefix sweep's (scales, objective)."""
+    out = [ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, a)
+           for a in ("sequential_prefix", "sequential_events", "sequential_table")]
+    for s, o in out:
+        torch.testing.assert_close(o, out[1][1], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ref.objective_lin(W, lin, s, H, qmin, qmax), o, rtol=1e-9,
+                                   atol=1e-9)
+    return out[0]
+
+
 def tol(e_ref):
     return 1e-5 + 1e-6 * e_ref.abs()
 
@@ -201,11 +214,7 @@ def test_prefix_u_equals_per_event_updates_and_brute_force(wkind):
         H = spd(D, gen, dead=(0, D - 1)).to(torch.float32 if trial % 3 == 0 else f64)
         lin = torch.randn(7, D, dtype=f64, generator=gen) if trial % 2 else ref._lin(W, H, None)
         lin[:, [0, D - 1]] = 0  # as (G w)_i for a dead input i, where X~ (hence G's row i) is zero
-        s1, o1 = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, "sequential_prefix")
-        s2, o2 = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, "sequential_events")
-        s3, o3 = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, "sequential_table")
-        torch.testing.assert_close(o1, o2, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(o3, o2, rtol=1e-10, atol=1e-10)
+        s1, o1 = three_sweeps(W, lin, H, qmin, qmax)
         torch.testing.assert_close(ref.objective_lin(W, lin, s1, H, qmin, qmax), o1, rtol=1e-9,
                                    atol=1e-9)
         if D <= 40:
@@ -643,11 +652,7 @@ def test_prefix_table_and_per_event_sweeps_agree_on_random_rows(seed):
         if trial % 5 == 0:
             H = H.float().to(f64)
         lin = torch.randn(5, D, dtype=f64, generator=gen) if trial % 2 else W @ H
-        s1, o1 = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, "sequential_prefix")
-        s2, o2 = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, "sequential_events")
-        s3, o3 = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, "sequential_table")
-        torch.testing.assert_close(o1, o2, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(o3, o2, rtol=1e-10, atol=1e-10)
+        s1, o1 = three_sweeps(W, lin, H, qmin, qmax)
 
 
 @pytest.mark.parametrize("h_dtype", [f64, torch.float32])
@@ -666,11 +671,7 @@ def test_per_event_sweep_with_a_row_whose_first_H_panels_hold_no_event(h_dtype):
         W[1, : D // 2 + 100] = 0  # the first panel empty
         W[2, 50:] = 0  # only the first panel holds events
         lin = ref._lin(W, H, None)
-        s1, o1 = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, "sequential_events")
-        s2, o2 = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, "sequential_prefix")
-        s3, o3 = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, "sequential_table")
-        torch.testing.assert_close(o1, o2, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(o3, o2, rtol=1e-10, atol=1e-10)
+        s1, o1 = three_sweeps(W, lin, H, qmin, qmax)
         torch.testing.assert_close(ref.objective_lin(W, lin, s1, H, qmin, qmax), o1, rtol=1e-9,
                                    atol=1e-9)
         e_b, _ = ref.brute_force_lin(W, lin, H, qmin, qmax, n=600)
