@@ -595,3 +595,18 @@ def test_qronos_ridge_pulls_a_dead_column_toward_its_original_weight_like_the_re
         rc, rs, rwh = R.qronos(W, H, G, 4, -1, None, "none", act_order, 128, 1.0)
         _assert_same_codes(c, rc, wh, rwh)
         assert (rc[:, 5] != 0).any()
+
+
+def test_gptq_group_modes_per_channel_are_the_layer_modes():
+    """Per channel a row is one group: GPTQ computes its scale before the first column, from the
+    weights as they stand then -- the layer-interleaved (⊙*) result, bit for bit. (Qronos's one
+    group comes after its first-column correction, ALGORITHM §4.3, so it differs.)"""
+    gen = torch.Generator().manual_seed(77)
+    W = torch.randn(12, 48, generator=gen)
+    X = torch.randn(150, 48, generator=gen)
+    H = X.T @ X
+    for group, layer in (("group", "layer"), ("group_sequential", "layer_sequential")):
+        for a, b in zip(gptq_op(W, H, 3, -1, None, group), gptq_op(W, H, 3, -1, None, layer)):
+            assert torch.equal(a, b), (group, layer)
+    # PiSO did change the scales
+    assert not torch.equal(gptq_op(W, H, 3, -1, None, "layer")[1], gptq_op(W, H, 3)[1])
