@@ -142,6 +142,7 @@ std::tuple<at::Tensor, at::Tensor> sweep(const at::Tensor& W_in, const at::Tenso
     const int u_method = algo == SweepAlgo::SequentialPrefix   ? 1
                          : algo == SweepAlgo::SequentialEvents ? 2
                          : algo == SweepAlgo::SequentialTable  ? 3
+                         : algo == SweepAlgo::SequentialPrefixBatched ? 4
                                                                : 0;
     if (W.is_cpu()) {
       res = sweep_sequential_cpu(W, lin, H, qmin, qmax, eps, f32, u_method);
@@ -201,8 +202,9 @@ detail::SweepAlgo parse_algo(c10::string_view s) {
   if (s == "sequential_prefix") return detail::SweepAlgo::SequentialPrefix;
   if (s == "sequential_events") return detail::SweepAlgo::SequentialEvents;
   if (s == "sequential_table") return detail::SweepAlgo::SequentialTable;
+  if (s == "sequential_prefix_batched") return detail::SweepAlgo::SequentialPrefixBatched;
   TORCH_CHECK(false, "algorithm: expected 'auto', 'sequential', 'event_parallel', 'sequential_prefix', "
-              "'sequential_events' or 'sequential_table', got '",
+              "'sequential_events', 'sequential_table' or 'sequential_prefix_batched', got '",
               std::string(s), "'");
 }
 

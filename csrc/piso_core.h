@@ -11,14 +11,16 @@ namespace detail {
 
 // Sequential: CPU sweep, u values by whichever of prefix_u / table_u / dense_u is cheapest
 // (piso_cpu.cpp);
-// SequentialPrefix / SequentialEvents / SequentialTable force one of them (tests, benchmarks).
+// SequentialPrefix / SequentialEvents / SequentialTable force one of them (tests, benchmarks);
+// SequentialPrefixBatched forces prefix_u's batched additions whatever the width (tests).
 enum class SweepAlgo {
   Auto,
   Sequential,
   EventParallel,
   SequentialPrefix,
   SequentialEvents,
-  SequentialTable
+  SequentialTable,
+  SequentialPrefixBatched
 };
 
 // Solves R independent single-scale problems that share one H block:

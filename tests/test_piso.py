@@ -45,11 +45,13 @@ def H_variant(kind, D, gen):
 
 
 def three_sweeps(W, lin, H, qmin, qmax):
-    """The CPU sweep's three ways to the u values (prefix sums, per-event updates, tables) on the
-    same problem: their objectives agree, and each is the reference objective at its own returned
-    scales. Returns the prefix sweep's (scales, objective)."""
+    """The CPU sweep's three ways to the u values (prefix sums, per-event updates, tables; the
+    prefix way also with its row additions batched, as on wide rows) on the same problem: their
+    objectives agree, and each is the reference objective at its own returned scales. Returns the
+    prefix sweep's (scales, objective)."""
     out = [ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, a)
-           for a in ("sequential_prefix", "sequential_events", "sequential_table")]
+           for a in ("sequential_prefix", "sequential_events", "sequential_table",
+                     "sequential_prefix_batched")]
     for s, o in out:
         torch.testing.assert_close(o, out[1][1], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(ref.objective_lin(W, lin, s, H, qmin, qmax), o, rtol=1e-9,
@@ -85,7 +87,8 @@ def test_optimal_scales_no_worse_than_brute_force(bits, hkind, wkind):
 
 
 @pytest.mark.parametrize("algorithm", ["sequential", "event_parallel", "sequential_prefix",
-                                       "sequential_events", "sequential_table"])
+                                       "sequential_events", "sequential_table",
+                                       "sequential_prefix_batched"])
 @pytest.mark.parametrize("dtype", [f64, torch.float32])
 def test_sweep_objective_is_the_objective_at_the_returned_scale(algorithm, dtype):
     """The scale, in its returned dtype, reproduces the interval whose objective the sweep found
@@ -189,7 +192,8 @@ def test_exact_objective_ties_between_intervals_go_to_the_largest_scale(hkind):
         lin = W.clone()
         algos = ["sequential", "event_parallel"]
         if hkind == "dense":
-            algos += ["sequential_prefix", "sequential_events", "sequential_table"]
+            algos += ["sequential_prefix", "sequential_events", "sequential_table",
+                      "sequential_prefix_batched"]
         for dtype in (f64, torch.float32):
             for algo in algos:
                 s, obj = ops._piso_sweep(W.to(dtype), lin, H, qmin, qmax, 1e-9, algo)
@@ -200,7 +204,8 @@ def test_exact_objective_ties_between_intervals_go_to_the_largest_scale(hkind):
 @pytest.mark.parametrize("wkind", ["gauss", "ties", "bf16"])
 def test_prefix_u_equals_per_event_updates_and_brute_force(wkind):
     """The three ways to the u values of the CPU sweep (prefix sums over coordinates sorted by |w|,
-    read as they pass or stored as tables, and one row of H per breakpoint event) give the same
+    read as they pass -- rows added one or eight at a time -- or stored as tables, and one row of H
+    per breakpoint event) give the same
     objective, with exact ties, both grid kinds, dead coordinates and zero weights; and they reach
     the brute-force optimum."""
     gen = torch.Generator().manual_seed(zlib.crc32(wkind.encode()))

@@ -124,7 +124,8 @@ def piso_sweep(W: Tensor, lin: Tensor, H: Optional[Tensor], qmin: int, qmax: int
     Returns (scales, objective at the returned scale, float64). ``algorithm``: ``auto`` (CPU:
     sequential, CUDA: event_parallel), ``sequential`` or ``event_parallel``; ``sequential_prefix`` /
     ``sequential_events`` / ``sequential_table`` force one of the CPU sweep's three ways to the u
-    values (tests, benchmarks)."""
+    values, ``sequential_prefix_batched`` the prefix way with its batched row additions, which
+    it uses on wide rows (tests, benchmarks)."""
     return _lib._piso_sweep(W, lin, H, qmin, qmax, eps, algorithm)
 
 

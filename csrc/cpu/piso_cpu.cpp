@@ -14,7 +14,8 @@
 // Three ways to them, the cheapest chosen per layer (choose_u_method):
 // - prefix_u: the u value of each event is a sum over levels of prefix sums of H's rows, taken over
 //   the coordinates sorted by |w|; one pass of n row additions (n d instead of 2^(b-1) n d) serves
-//   every event from contiguous ranges of the event order -- see prefix_u.
+//   every event from contiguous ranges of the event order -- see prefix_u. On wide rows the row
+//   additions go several at a time (prefix_batch).
 // - dense_u (wide grids on narrow layers): per-event updates, cache-blocked over the updating
 //   coordinate: for each panel J of coordinates (H[J, :], ~512 KiB, stays in L2),
 //     h_J = H[:, J] q_J,   u_e += h_J[i_e]  for every event e,   h_J += delta H[:, j]  for e in J,
@@ -192,6 +193,47 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
   next_row_body<double>(dst, src, row, dl, n);
 }
 
+// h[j] += rows[0][j] + ... + rows[count - 1][j] (count <= kPrefixBatch): prefix_u's pass, one
+// load and store of h per batch of rows.
+constexpr int kPrefixBatch = 8;
+
+template <int K, typename scalar_t>
+__attribute__((always_inline)) inline void add_rows_body(double* __restrict h,
+                                                         const scalar_t* const* rows, int64_t n) {
+  const scalar_t* __restrict r[K];
+  for (int k = 0; k < K; ++k) r[k] = rows[k];
+  for (int64_t j = 0; j < n; ++j) {
+    double v = double(r[0][j]);
+    for (int k = 1; k < K; ++k) v += double(r[k][j]);
+    h[j] += v;
+  }
+}
+
+template <typename scalar_t>
+__attribute__((always_inline)) inline void add_rows_any(double* h, const scalar_t* const* rows,
+                                                        int count, int64_t n) {
+  static_assert(kPrefixBatch == 8, "add_rows_any handles up to 8 rows");
+  switch (count) {
+    case 0: return;
+    case 1: return add_rows_body<1>(h, rows, n);
+    case 2: return add_rows_body<2>(h, rows, n);
+    case 3: return add_rows_body<3>(h, rows, n);
+    case 4: return add_rows_body<4>(h, rows, n);
+    case 5: return add_rows_body<5>(h, rows, n);
+    case 6: return add_rows_body<6>(h, rows, n);
+    case 7: return add_rows_body<7>(h, rows, n);
+    default: return add_rows_body<8>(h, rows, n);
+  }
+}
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void add_rows(
+    double* h, const float* const* rows, int count, int64_t n) {
+  add_rows_any<float>(h, rows, count, n);
+}
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void add_rows(
+    double* h, const double* const* rows, int count, int64_t n) {
+  add_rows_any<double>(h, rows, count, n);
+}
+
 #ifndef PISO_PANEL_BYTES
 #define PISO_PANEL_BYTES (512 * 1024)
 #endif
@@ -233,6 +275,14 @@ inline bool use_prefix_u(int64_t d, int64_t Lmax) {
   return d >= std::max<int64_t>(Lmax <= 2 ? 512 : 256, 7 * Lmax);
 }
 
+// Whether prefix_u batches its row additions: they get cheaper with K = kPrefixBatch rows per
+// pass over the sums, but every read served inside a batch pays (K - 1) / 2 corrections on
+// average, about Lmax^2 reads per coordinate against d additions. Measured (benchmarks/piso_rows_timing.py under K = 1, 2, 4, 8, alternated,
+// 2026-12-01, 2 threads): K = 8 is 1.13x / 1.3x / 1.5x faster at d = 4096 for 4 / 3 / 2 bits and
+// about 1.2x at d = 2048 (3 and 4 bits) and for 2-bit grids from d = 1024; at d = 1024 with 3 or
+// 4 bits it is slower (K = 1 best).
+inline bool prefix_batched(int64_t d, int64_t Lmax) { return d >= 2048 || Lmax <= 2; }
+
 // u_method for auto: 1 = prefix_u, 2 = dense_u, 3 = table_u. table_u measured fastest
 // (benchmarks/piso_u_methods.py, 2026-12-01, one and two threads) for 4- to 6-bit grids on rows of
 // 128 to 320 (6-bit from 160): group-size rows.
@@ -258,9 +308,10 @@ inline int choose_u_method(int64_t d, int64_t Lmax) {
 // signs read accp - accn, the extra levels of the longer grid side only one of them) and, before
 // adding coordinate x, serves those ranges for every level whose list reaches x. Every event is
 // served once per level and side (about 2^(b-1) reads per event); exact ties need no special case.
-template <typename scalar_t>
+template <bool batched, typename scalar_t>
 void prefix_u(const double* w, const scalar_t* H, int64_t d, int64_t qmin, int64_t qmax, int64_t T,
               Work& wk) {
+  const int64_t K = batched ? kPrefixBatch : 1;
   const int64_t Lpos = qmax, Lneg = -qmin, Lmax = std::max(Lpos, Lneg), Lmin = std::min(Lpos, Lneg);
   const bool big_pos = Lpos > Lneg;  // which sign holds the extra levels, if any
   TORCH_INTERNAL_ASSERT(Lmax <= 128 && Lmax * d < INT32_MAX);
@@ -317,10 +368,35 @@ void prefix_u(const double* w, const scalar_t* H, int64_t d, int64_t qmin, int64
     for (int64_t t = Ap; t < Bc; ++t) U[t] += 2.0 * val(co[t]);  // before and after
     for (int64_t t = Bc; t < Ac; ++t) U[t] += val(co[t]);        // before only
   };
-  auto both = [&](int32_t i) { return accp[i] - accn[i]; };
-  auto one = [&](int32_t i) { return big_pos ? accp[i] : -accn[i]; };
+  // The pass adds H's rows K at a time (add_rows: one load and store of the sums per batch instead
+  // of per row; see prefix_batched). A batch [x0, x0 + nb) serves position x0 before its rows are
+  // added, then the others after: the reads at x0 + m are the sums after the batch less its rows
+  // m..nb-1, component i (rows[k][i], in cache just after the add) -- for `both` every row with its
+  // sign, for `one` only the longer side's rows. K = 1 is the plain pass (no corrections).
+  const scalar_t* rows[kPrefixBatch];
+  double sg[kPrefixBatch];
+  bool big[kPrefixBatch];
+  const scalar_t* plus[kPrefixBatch];
+  const scalar_t* minus[kPrefixBatch];
+  int64_t m = 0, nb = 0;  // position within the batch of the reads being served, batch size
+  auto both = [&](int32_t i) {
+    double v = accp[i] - accn[i];
+    if constexpr (batched) {
+      for (int64_t k = m; k < nb; ++k) v -= sg[k] * double(rows[k][i]);
+    }
+    return v;
+  };
+  auto one = [&](int32_t i) {
+    double v = big_pos ? accp[i] : -accn[i];
+    if constexpr (batched) {
+      for (int64_t k = m; k < nb; ++k) {
+        if (big[k]) v -= sg[k] * double(rows[k][i]);
+      }
+    }
+    return v;
+  };
   int32_t jx[128] = {0};
-  for (int64_t x = 0; x <= n; ++x) {
+  auto serve_at = [&](int64_t x) {
     for (int64_t l = 0; l < Lmin; ++l) serve(l, x, both);
     for (int64_t l = Lmin; l < Lmax; ++l) {
       if (x == n) {
@@ -330,10 +406,31 @@ void prefix_u(const double* w, const scalar_t* H, int64_t d, int64_t qmin, int64
         ++jx[l];
       }
     }
-    if (x < n) {
-      const int32_t c = ord[x];
+  };
+  for (int64_t x0 = 0;;) {
+    nb = std::min<int64_t>(K, n - x0);
+    m = nb;  // position x0 before the batch's rows are added: no correction
+    serve_at(x0);
+    if (nb == 0) break;
+    if constexpr (!batched) {
+      const int32_t c = ord[x0];
       add_row(w[c] > 0 ? wk.accp.data() : wk.accn.data(), H + static_cast<int64_t>(c) * d, 1.0, d);
+      x0 += 1;
+      continue;
     }
+    int np = 0, nn = 0;
+    for (int64_t k = 0; k < nb; ++k) {
+      const int32_t c = ord[x0 + k];
+      rows[k] = H + static_cast<int64_t>(c) * d;
+      sg[k] = w[c] > 0 ? 1.0 : -1.0;
+      big[k] = (w[c] > 0) == big_pos;
+      if (w[c] > 0) plus[np++] = rows[k];
+      else minus[nn++] = rows[k];
+    }
+    add_rows(wk.accp.data(), plus, np, d);
+    add_rows(wk.accn.data(), minus, nn, d);
+    for (m = 1; m < nb; ++m) serve_at(x0 + m);
+    x0 += nb;
   }
 }
 
@@ -497,8 +594,13 @@ void sweep_row_dense(const double* w, const double* lin, const scalar_t* H, int6
     // beta increment delta (u_before + u_after): per event equal to 2 delta u_before + H_ii, and over
     // a tie group it sums to the group's change of q^T H q (the macro-event rule, ALGORITHM.md §2.7);
     // candidates are only taken at the end of a tie group.
-    if (m == 1) prefix_u<scalar_t>(w, H, d, qmin, qmax, T, wk);
-    else table_u<scalar_t>(w, H, d, qmin, qmax, T, wk);
+    if (m == 4 || (m == 1 && prefix_batched(d, std::max(qmax, -qmin)))) {
+      prefix_u<true, scalar_t>(w, H, d, qmin, qmax, T, wk);
+    } else if (m == 1) {
+      prefix_u<false, scalar_t>(w, H, d, qmin, qmax, T, wk);
+    } else {
+      table_u<scalar_t>(w, H, d, qmin, qmax, T, wk);
+    }
     for (int64_t t = 0; t < T; ++t) u[t] *= wk.dl[t];
   } else {
     dense_u<scalar_t>(H, d, T, wk);
