@@ -1,6 +1,7 @@
-"""Per-row time of the CPU sweep's three ways to the u values (prefix_u, dense_u = per-event
-updates, table_u), forced through torch.ops.piso._piso_sweep, on R random rows of a D-wide layer
-with a dense float32 H: the measurements behind choose_u_method in csrc/cpu/piso_cpu.cpp.
+"""Per-row time of the CPU sweep's ways to the u values (prefix_u one row at a time, prefix_u
+adding H's rows 8 at a time, dense_u = per-event updates, table_u), forced through torch.ops.piso._piso_sweep, on R random rows of a D-wide layer
+with a dense float32 H: the measurements behind choose_u_method and prefix_batched in
+csrc/cpu/piso_cpu.cpp.
 
     python benchmarks/piso_u_methods.py --dims 128 256 --bits 4 6 [--threads 1]
 
@@ -13,7 +14,8 @@ import torch
 
 import torch_piso  # noqa: F401
 
-WAYS = ("sequential_prefix", "sequential_events", "sequential_table")
+WAYS = ("sequential_prefix", "sequential_prefix_batched", "sequential_events", "sequential_table")
+LABELS = ("prefix", "prefix8", "events", "table")
 
 
 def main():
@@ -22,10 +24,11 @@ def main():
     ap.add_argument("--bits", type=int, nargs="+", default=[3, 4, 6])
     ap.add_argument("--work", type=int, default=131072, help="rows x D per timing")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--ways", nargs="+", choices=LABELS, default=list(LABELS))
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"{'D':>5} {'bits':>4} " + " ".join(f"{w.split('_')[1]:>9}" for w in WAYS) + "   us/row/thread")
+    print(f"{'D':>5} {'bits':>4} " + " ".join(f"{w:>9}" for w in args.ways) + "   us/row/thread")
     for D in args.dims:
         g = torch.Generator().manual_seed(0)
         R = max(8, args.work // D)
@@ -36,7 +39,7 @@ def main():
         for bits in args.bits:
             qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
             row = []
-            for way in WAYS:
+            for way in (WAYS[LABELS.index(w)] for w in args.ways):
                 torch.ops.piso._piso_sweep(W[:8], lin[:8], H, qmin, qmax, 1e-9, way)
                 best = float("inf")
                 for _ in range(3):

@@ -11,8 +11,9 @@ namespace detail {
 
 // Sequential: CPU sweep, u values by whichever of prefix_u / table_u / dense_u is cheapest
 // (piso_cpu.cpp);
-// SequentialPrefix / SequentialEvents / SequentialTable force one of them (tests, benchmarks);
-// SequentialPrefixBatched forces prefix_u's batched additions whatever the width (tests).
+// SequentialPrefix (prefix_u adding H's rows one at a time), SequentialPrefixBatched (eight at a
+// time), SequentialEvents and SequentialTable force one of them whatever the width (tests,
+// benchmarks/piso_u_methods.py).
 enum class SweepAlgo {
   Auto,
   Sequential,

@@ -122,10 +122,10 @@ def piso_sweep(W: Tensor, lin: Tensor, H: Optional[Tensor], qmin: int, qmax: int
     """The raw breakpoint sweep over independent rows sharing one H block:
     minimizes ``s² qᵀHq − 2s qᵀlin[r]`` with ``q = RTN(W[r] / s)`` on ``[qmin, qmax]``.
     Returns (scales, objective at the returned scale, float64). ``algorithm``: ``auto`` (CPU:
-    sequential, CUDA: event_parallel), ``sequential`` or ``event_parallel``; ``sequential_prefix`` /
-    ``sequential_events`` / ``sequential_table`` force one of the CPU sweep's three ways to the u
-    values, ``sequential_prefix_batched`` the prefix way with its batched row additions, which
-    it uses on wide rows (tests, benchmarks)."""
+    sequential, CUDA: event_parallel), ``sequential`` or ``event_parallel``; ``sequential_prefix``
+    (H's rows added one at a time), ``sequential_prefix_batched`` (eight at a time, what
+    ``sequential`` uses on wide rows), ``sequential_events`` / ``sequential_table`` force one of
+    the CPU sweep's ways to the u values whatever the width (tests, benchmarks)."""
     return _lib._piso_sweep(W, lin, H, qmin, qmax, eps, algorithm)
 
 

@@ -283,12 +283,14 @@ inline bool use_prefix_u(int64_t d, int64_t Lmax) {
 // 4 bits it is slower (K = 1 best).
 inline bool prefix_batched(int64_t d, int64_t Lmax) { return d >= 2048 || Lmax <= 2; }
 
-// u_method for auto: 1 = prefix_u, 2 = dense_u, 3 = table_u. table_u measured fastest
-// (benchmarks/piso_u_methods.py, 2026-12-01, one and two threads) for 4- to 6-bit grids on rows of
-// 128 to 320 (6-bit from 160): group-size rows.
+// u_method for auto: 1 = prefix_u one row at a time, 4 = prefix_u adding kPrefixBatch rows at a
+// time, 2 = dense_u, 3 = table_u. table_u measured fastest (benchmarks/piso_u_methods.py,
+// 2026-12-01, one and two threads) for 4- to 6-bit grids on rows of 128 to 320 (6-bit from 160):
+// group-size rows. A forced u_method (the sequential_* algorithms) is taken as given.
 inline int choose_u_method(int64_t d, int64_t Lmax) {
   if (Lmax >= 8 && Lmax <= 32 && d >= 128 && d <= 320 && (Lmax <= 16 || d >= 160)) return 3;
-  return use_prefix_u(d, Lmax) ? 1 : 2;
+  if (!use_prefix_u(d, Lmax)) return 2;
+  return prefix_batched(d, Lmax) ? 4 : 1;
 }
 
 // u values of every event of one row, (H q_before)_i + (H q_after)_i (the contract of event_u in
@@ -594,7 +596,7 @@ void sweep_row_dense(const double* w, const double* lin, const scalar_t* H, int6
     // beta increment delta (u_before + u_after): per event equal to 2 delta u_before + H_ii, and over
     // a tie group it sums to the group's change of q^T H q (the macro-event rule, ALGORITHM.md §2.7);
     // candidates are only taken at the end of a tie group.
-    if (m == 4 || (m == 1 && prefix_batched(d, std::max(qmax, -qmin)))) {
+    if (m == 4) {
       prefix_u<true, scalar_t>(w, H, d, qmin, qmax, T, wk);
     } else if (m == 1) {
       prefix_u<false, scalar_t>(w, H, d, qmin, qmax, T, wk);
