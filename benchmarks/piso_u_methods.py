@@ -1,9 +1,9 @@
-"""Per-row time of the CPU sweep's ways to the u values (prefix_u one row at a time, prefix_u
-adding H's rows 8 at a time, dense_u = per-event updates, table_u), forced through torch.ops.piso._piso_sweep, on R random rows of a D-wide layer
-with a dense float32 H: the measurements behind choose_u_method and prefix_batched in
-csrc/cpu/piso_cpu.cpp.
+"""Per-row time of the CPU sweep's ways to the u values (prefix_u adding H's rows one or eight at
+a time, dense_u = per-event updates, table_u), forced through torch.ops.piso._piso_sweep, on R
+random rows of a D-wide layer with a dense float32 H: the measurements behind choose_u_method and
+prefix_batched in csrc/cpu/piso_cpu.cpp.
 
-    python benchmarks/piso_u_methods.py --dims 128 256 --bits 4 6 [--threads 1]
+    python benchmarks/piso_u_methods.py --dims 128 256 --bits 4 6 [--threads 1] [--ways prefix prefix8]
 
 Prints microseconds per row per thread (best of 3) for each way.
 """

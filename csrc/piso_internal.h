@@ -65,8 +65,8 @@ at::Tensor symmetric_part(const at::Tensor& H);
 // Sequential breakpoint sweep (ALGORITHM.md §2.5) on CPU.
 //   W [R, d] float64 contiguous, lin [R, d] float64 contiguous,
 //   H undefined (identity) | [d] float64 | [d, d] float64 symmetric contiguous.
-//   u_method: 0 = cheapest, 1 = prefix_u, 2 = dense_u (per-event updates), 3 = table_u,
-//   4 = prefix_u with batched row additions whatever the width (tests).
+//   u_method: 0 = cheapest, 1 = prefix_u adding H's rows one at a time, 2 = dense_u (per-event
+//   updates), 3 = table_u, 4 = prefix_u adding them eight at a time; nonzero = forced.
 SweepResult sweep_sequential_cpu(const at::Tensor& W, const at::Tensor& lin, const at::Tensor& H,
                                  int64_t qmin, int64_t qmax, double eps, bool f32, int u_method = 0);
 

@@ -15,7 +15,7 @@
 // - prefix_u: the u value of each event is a sum over levels of prefix sums of H's rows, taken over
 //   the coordinates sorted by |w|; one pass of n row additions (n d instead of 2^(b-1) n d) serves
 //   every event from contiguous ranges of the event order -- see prefix_u. On wide rows the row
-//   additions go several at a time (prefix_batch).
+//   additions go eight at a time (prefix_batched).
 // - dense_u (wide grids on narrow layers): per-event updates, cache-blocked over the updating
 //   coordinate: for each panel J of coordinates (H[J, :], ~512 KiB, stays in L2),
 //     h_J = H[:, J] q_J,   u_e += h_J[i_e]  for every event e,   h_J += delta H[:, j]  for e in J,
@@ -277,10 +277,11 @@ inline bool use_prefix_u(int64_t d, int64_t Lmax) {
 
 // Whether prefix_u batches its row additions: they get cheaper with K = kPrefixBatch rows per
 // pass over the sums, but every read served inside a batch pays (K - 1) / 2 corrections on
-// average, about Lmax^2 reads per coordinate against d additions. Measured (benchmarks/piso_rows_timing.py under K = 1, 2, 4, 8, alternated,
-// 2026-12-01, 2 threads): K = 8 is 1.13x / 1.3x / 1.5x faster at d = 4096 for 4 / 3 / 2 bits and
-// about 1.2x at d = 2048 (3 and 4 bits) and for 2-bit grids from d = 1024; at d = 1024 with 3 or
-// 4 bits it is slower (K = 1 best). Again on a Zen 4 VM (benchmarks/piso_u_methods.py --ways prefix
+// average, about Lmax^2 reads per coordinate against d additions. Measured
+// (benchmarks/piso_rows_timing.py under K = 1, 2, 4, 8, alternated, 2026-12-01, 2 threads): K = 8
+// is 1.13x / 1.3x / 1.5x faster at d = 4096 for 4 / 3 / 2 bits and about 1.2x at d = 2048 (3 and
+// 4 bits) and for 2-bit grids from d = 1024; at d = 1024 with 3 or 4 bits it is slower (K = 1
+// best). Again on a Zen 4 VM (benchmarks/piso_u_methods.py --ways prefix
 // prefix8, 2026-12-02): 1.1-1.8x faster at d = 4096, 1.0-1.6x at 2048, 1.1x at 1024 for 2 bits;
 // slower at d <= 1024 for 3 and 4 bits and at d = 512 for 2 bits (1.05-1.2x).
 inline bool prefix_batched(int64_t d, int64_t Lmax) { return d >= 2048 || (Lmax <= 2 && d >= 1024); }
