@@ -281,10 +281,12 @@ inline bool use_prefix_u(int64_t d, int64_t Lmax) {
 // (benchmarks/piso_rows_timing.py under K = 1, 2, 4, 8, alternated, 2026-12-01, 2 threads): K = 8
 // is 1.13x / 1.3x / 1.5x faster at d = 4096 for 4 / 3 / 2 bits and about 1.2x at d = 2048 (3 and
 // 4 bits) and for 2-bit grids from d = 1024; at d = 1024 with 3 or 4 bits it is slower (K = 1
-// best). Again on a Zen 4 VM (benchmarks/piso_u_methods.py --ways prefix
-// prefix8, 2026-12-02): 1.1-1.8x faster at d = 4096, 1.0-1.6x at 2048, 1.1x at 1024 for 2 bits;
-// slower at d <= 1024 for 3 and 4 bits and at d = 512 for 2 bits (1.05-1.2x).
-inline bool prefix_batched(int64_t d, int64_t Lmax) { return d >= 2048 || (Lmax <= 2 && d >= 1024); }
+// best). Again on a Zen 4 VM (benchmarks/piso_u_methods.py --ways prefix prefix8, 2026-12-02):
+// 1.1-1.8x faster at d = 4096, 1.0-1.6x at 2048, 1.1x at 1024 for 2 bits; slower at d <= 1024 for
+// 3 and 4 bits and at d = 512 for 2 bits (1.05-1.2x).
+inline bool prefix_batched(int64_t d, int64_t Lmax) {
+  return d >= 2048 || (Lmax <= 2 && d >= 1024);
+}
 
 // u_method for auto: 1 = prefix_u one row at a time, 4 = prefix_u adding kPrefixBatch rows at a
 // time, 2 = dense_u, 3 = table_u. table_u measured fastest (benchmarks/piso_u_methods.py,
