@@ -273,7 +273,10 @@ def test_known_scale_recovery(dense):
     gen = torch.Generator().manual_seed(5)
     for s_opt in (0.3, 1.5, 0.05):
         Q = torch.randint(-8, 8, (4, 16), generator=gen).to(f64)
-        Q[:, 0] = -8  # makes the optimum unique
+        # -8 and an odd 7 make s_opt the only zero-error scale (-8 alone does not: with every
+        # code even, 2 s_opt is exact too, and ties go to the larger scale)
+        Q[:, 0] = -8
+        Q[:, 1] = 7
         W = s_opt * Q
         H = torch.eye(16, dtype=f64) if dense else torch.ones(16, dtype=f64)
         s = ops.optimal_scales(W, H, None, 4)

@@ -21,6 +21,7 @@ TEST(HessianAccumulate, MatchesFloat64ReferenceAndIsSymmetric) {
 }
 
 TEST(HessianAccumulate, AccumulatesAcrossCalls) {
+  at::manual_seed(7);
   auto x1 = at::randn({64, 33}, at::kFloat);
   auto x2 = at::randn({17, 33}, at::kFloat);
   auto H = at::zeros({33, 33}, at::kFloat);
@@ -31,6 +32,7 @@ TEST(HessianAccumulate, AccumulatesAcrossCalls) {
 }
 
 TEST(HessianAccumulate, RejectsBadInput) {
+  at::manual_seed(7);
   auto H = at::zeros({8, 8}, at::kFloat);
   auto bad_d = at::randn({4, 9});
   EXPECT_THROW(piso::hessian_accumulate_(H, bad_d), c10::Error);
@@ -43,6 +45,7 @@ TEST(HessianAccumulate, RejectsBadInput) {
 }
 
 TEST(CrossAccumulate, MatchesFloat64Reference) {
+  at::manual_seed(7);
   auto xq = at::randn({5, 20, 31}, at::kFloat);
   auto xf = at::randn({5, 20, 31}, at::kFloat);
   auto G = at::zeros({31, 31}, at::kDouble);
@@ -54,6 +57,7 @@ TEST(CrossAccumulate, MatchesFloat64Reference) {
 }
 
 TEST(HessianAccumulate, NonContiguousXGivesTheContiguousResult) {
+  at::manual_seed(7);
   auto base = at::randn({40, 2 * 37}, at::kFloat);
   auto x = base.slice(1, 0, 2 * 37, 2);  // every other column: non-contiguous
   ASSERT_FALSE(x.is_contiguous());
@@ -65,6 +69,7 @@ TEST(HessianAccumulate, NonContiguousXGivesTheContiguousResult) {
 }
 
 TEST(HessianAccumulate, EmptyBatchIsANoOp) {
+  at::manual_seed(7);
   auto H = at::randn({6, 6}, at::kDouble);
   auto H0 = H.clone();
   piso::hessian_accumulate_(H, at::empty({0, 6}, at::kFloat));
@@ -72,6 +77,7 @@ TEST(HessianAccumulate, EmptyBatchIsANoOp) {
 }
 
 TEST(HessianAccumulate, RejectsNonContiguousHAndIntegerX) {
+  at::manual_seed(7);
   auto H = at::zeros({8, 8}, at::kFloat).t();
   auto x = at::randn({4, 8});
   EXPECT_THROW(piso::hessian_accumulate_(H, x), c10::Error);

@@ -86,8 +86,13 @@ TEST(PisoOptimalScales, Float32ScaleReproducesItsObjectiveAndBeatsBruteForce) {
 }
 
 TEST(PisoOptimalScales, KnownScaleRecoveryAndZeroRow) {
+  at::manual_seed(7);
   auto Q = at::randint(-8, 8, {3, 10}, at::kLong).to(at::kDouble);
+  // -8 and 7 in every row make s = 0.3 the only zero-error scale: another one, 0.3 c, needs c to
+  // divide both codes (c = 1 / m puts -8 m off the grid). -8 alone does not: with all codes even,
+  // 0.6 is exact too, and ties go to the larger scale.
   Q.select(1, 0).fill_(-8);
+  Q.select(1, 1).fill_(7);
   auto W = 0.3 * Q;
   W[2].zero_();
   auto s = piso::optimal_scales(W, std::nullopt, std::nullopt, 4);
@@ -97,6 +102,7 @@ TEST(PisoOptimalScales, KnownScaleRecoveryAndZeroRow) {
 }
 
 TEST(PisoOptimalScales, RejectsBadInput) {
+  at::manual_seed(7);
   auto W = at::randn({4, 8});
   EXPECT_THROW(piso::optimal_scales(W, at::eye(7), std::nullopt, 4), c10::Error);
   EXPECT_THROW(piso::optimal_scales(W, std::nullopt, std::nullopt, 9), c10::Error);
