@@ -8,6 +8,8 @@ the largest footprint of any run up to it); peak CUDA memory is reset per run.
 
   python benchmarks/bench_pipeline.py --text ../shared/data/wikitext-2/valid.txt --bits 2 3 4
   python benchmarks/bench_pipeline.py --rows rtn-absmax,rtn-piso --bits 3 --eval-tokens 8192
+  python benchmarks/bench_pipeline.py --rows 'gptq-absmax,gptq*piso' --bits 3 --repeats 4 \
+      --samples 16 --seqlen 2048 --eval-tokens 2048 --eval-seqlen 2048   # interleaving overhead, end to end
 
 Prints a markdown table with machine, date and command, and appends one JSON line per invocation to
 outputs/bench_pipeline.jsonl.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,6 +29,43 @@ import torch
 from torch_piso.cli import PAPER_CHANNELWISE, _machine, _json_default, run_recipes
 from torch_piso.data import load_text, tokenize
 from torch_piso.load import load_model
+
+
+def _fmt(x, spec=".1f"):
+    return "" if x is None else format(x, spec)
+
+
+def _ops_s(r):
+    if r.get("scale_s") is None or r.get("ec_s") is None:
+        return ""
+    return f"{r['scale_s'] + r['ec_s']:.1f}"
+
+
+def median_summary(results, recipes) -> str:
+    """Per bit width and recipe: median quantize time over the repeats, its ratio to the median of
+    the first recipe (the baseline), and the same for the seconds spent inside the ops."""
+    lines = ["| bits | recipe | runs | median quantize s | ratio to first row | median in ops s | "
+             "in-ops seconds added to the first row's quantize s |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for bits in sorted({r["bits"] for r in results if r["bits"] is not None}):
+        med = {}
+        for name in recipes:
+            runs = [r for r in results if r["bits"] == bits and r["recipe"] == name
+                    and r.get("quantize_s") is not None]
+            if not runs:
+                continue
+            q = statistics.median(r["quantize_s"] for r in runs)
+            ops_runs = [r["scale_s"] + r["ec_s"] for r in runs
+                        if r.get("scale_s") is not None and r.get("ec_s") is not None]
+            o = statistics.median(ops_runs) if ops_runs else None
+            med[name] = (len(runs), q, o)
+        if recipes[0] not in med:
+            continue
+        _, q0, o0 = med[recipes[0]]
+        for name, (n, q, o) in med.items():
+            extra = "" if o is None or o0 is None else f"{(q0 + o - o0) / q0:.3f}"
+            lines.append(f"| {bits} | {name} | {n} | {q:.1f} | {q / q0:.3f} | {_fmt(o)} | {extra} |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -46,7 +86,12 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="outputs/bench_pipeline.jsonl")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run the rows this many times, in reverse order every other time (ABBA...), "
+                         "and print each recipe's median quantize time and its ratio to the first row's")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
     rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
     date = datetime.datetime.now(datetime.timezone.utc)
     cmd = " ".join(["python"] + sys.argv)
@@ -59,22 +104,29 @@ def main(argv=None):
           f"text {args.text or 'default (World English Bible)'}: {ids.numel()} tokens "
           f"({time.perf_counter() - t0:.1f} s)")
     results = []
+    order = []
+    for rep in range(args.repeats):
+        order += rows_wanted if rep % 2 == 0 else rows_wanted[::-1]
     for i, bits in enumerate(args.bits):
-        rows = run_recipes(model, tok, ids, rows_wanted, bits=bits, group_size=args.group_size,
+        rows = run_recipes(model, tok, ids, order, bits=bits, group_size=args.group_size,
                            samples=args.samples, seqlen=args.seqlen, eval_tokens=args.eval_tokens,
                            calib_fraction=args.calib_fraction, device=args.device, seed=args.seed,
                            progress=args.progress, include_float=(i == 0), eval_seqlen=args.eval_seqlen,
                            log=lambda s: print(s, flush=True))
         results += rows
     print()
-    print("| bits | recipe | label | perplexity | quantize s | eval s | peak RSS MiB (process) | peak CUDA MiB |")
-    print("|---:|---|---|---:|---:|---:|---:|---:|")
+    print("| bits | recipe | label | perplexity | quantize s | in ops s (scales + EC) | eval s | "
+          "peak RSS MiB (process) | peak CUDA MiB |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         ppl = "error" if r.get("perplexity") is None else f"{r['perplexity']:.3f}"
-        q = "" if r.get("quantize_s") is None else f"{r['quantize_s']:.1f}"
+        q = _fmt(r.get("quantize_s"))
         cuda = "" if r.get("peak_cuda_mib") is None else f"{r['peak_cuda_mib']:.0f}"
-        print(f"| {r['bits'] or 'float'} | {r['recipe']} | {r['label']} | {ppl} | {q} | "
+        print(f"| {r['bits'] or 'float'} | {r['recipe']} | {r['label']} | {ppl} | {q} | {_ops_s(r)} | "
               f"{r.get('eval_s') or 0:.1f} | {r['peak_rss_mib']:.0f} | {cuda} |")
+    if args.repeats > 1:
+        print()
+        print(median_summary(results, rows_wanted))
     total = time.perf_counter() - t0
     print(f"\n# total {total:.1f} s")
     out = Path(args.out)

@@ -378,3 +378,43 @@ def test_quantize_writes_tokenizer_and_run_log_atomically_with_the_save(assets, 
     assert _quantize(assets, out) == 0
     names = {p.name for p in out.iterdir()}
     assert {"quantized.json", "model.safetensors", "piso_run.json", "tokenizer_config.json"} <= names
+
+
+def test_bench_pipeline_repeats_alternate_and_summarize(assets, tmp_path, capsys):
+    """benchmarks/bench_pipeline.py --repeats: the rows run in ABBA order, each row carries the
+    seconds spent inside the ops (part of its quantize time), and the summary's medians and ratios
+    are those of the rows it printed."""
+    import importlib.util
+    import statistics
+
+    model_dir, text, _ = assets
+    spec = importlib.util.spec_from_file_location("bench_pipeline", ROOT / "benchmarks" / "bench_pipeline.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out_json = tmp_path / "b.jsonl"
+    rc = mod.main(["--model", str(model_dir), "--text", str(text), "--rows", "gptq-absmax,gptq*piso",
+                   "--bits", "3", "--samples", "2", "--seqlen", "32", "--eval-tokens", "64",
+                   "--eval-seqlen", "32", "--repeats", "2", "--out", str(out_json)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    rows = json.loads(out_json.read_text().splitlines()[-1])["rows"]
+    assert [r["recipe"] for r in rows] == ["float", "gptq-absmax", "gptq*piso", "gptq*piso", "gptq-absmax"]
+    for r in rows[1:]:
+        assert 0 < r["scale_s"] + r["ec_s"] <= r["quantize_s"]
+        assert r["scale_s"] == 0  # GPTQ: the (interleaved) scale search is inside the EC op
+    # same calibration, same deterministic ops: repeats quantize identically
+    assert rows[1]["layer_loss"] == rows[4]["layer_loss"] and rows[2]["layer_loss"] == rows[3]["layer_loss"]
+    summary = {l.split("|")[2].strip(): l.split("|") for l in out.splitlines()
+               if l.startswith("| 3 |") and l.count("|") == 8}
+    q = {n: statistics.median(r["quantize_s"] for r in rows if r["recipe"] == n)
+         for n in ("gptq-absmax", "gptq*piso")}
+    o = {n: statistics.median(r["ec_s"] for r in rows if r["recipe"] == n) for n in q}
+    assert set(summary) == set(q)
+    cells = summary["gptq*piso"]
+    assert float(cells[3]) == 2 and float(cells[4]) == pytest.approx(q["gptq*piso"], abs=0.051)
+    assert float(cells[5]) == pytest.approx(q["gptq*piso"] / q["gptq-absmax"], abs=5e-4)
+    assert float(cells[7]) == pytest.approx((q["gptq-absmax"] + o["gptq*piso"] - o["gptq-absmax"])
+                                            / q["gptq-absmax"], abs=5e-4)
+    assert float(summary["gptq-absmax"][5]) == 1.0
+    with pytest.raises(SystemExit):
+        mod.main(["--repeats", "0"])

@@ -385,6 +385,9 @@ def run_recipes(model, tok, ids, recipes, *, bits, group_size, samples, seqlen, 
             tot = (getattr(qmodel, "piso_report", None) or {}).get("totals", {})
             row["layer_loss_absmax_rtn"] = tot.get("loss_before")
             row["layer_loss"] = tot.get("loss_after")
+            # seconds inside the ops (scale search; EC, which holds interleaved PiSO) of quantize_s
+            row["scale_s"] = tot.get("scale_time_s")
+            row["ec_s"] = tot.get("ec_time_s")
             t0 = time.perf_counter()
             row["perplexity"] = perplexity(qmodel, eval_ids, seqlen=eval_seqlen, device=device,
                                            progress=progress)
