@@ -36,9 +36,10 @@ def _fmt(x, spec=".1f"):
 
 
 def _ops_s(r):
+    """Seconds of a row's quantize time spent inside the ops (scale search + EC), or None."""
     if r.get("scale_s") is None or r.get("ec_s") is None:
-        return ""
-    return f"{r['scale_s'] + r['ec_s']:.1f}"
+        return None
+    return r["scale_s"] + r["ec_s"]
 
 
 def median_summary(results, recipes) -> str:
@@ -55,8 +56,7 @@ def median_summary(results, recipes) -> str:
             if not runs:
                 continue
             q = statistics.median(r["quantize_s"] for r in runs)
-            ops_runs = [r["scale_s"] + r["ec_s"] for r in runs
-                        if r.get("scale_s") is not None and r.get("ec_s") is not None]
+            ops_runs = [_ops_s(r) for r in runs if _ops_s(r) is not None]
             o = statistics.median(ops_runs) if ops_runs else None
             med[name] = (len(runs), q, o)
         if recipes[0] not in med:
@@ -121,8 +121,8 @@ def main(argv=None):
     for r in results:
         ppl = "error" if r.get("perplexity") is None else f"{r['perplexity']:.3f}"
         q = _fmt(r.get("quantize_s"))
-        cuda = "" if r.get("peak_cuda_mib") is None else f"{r['peak_cuda_mib']:.0f}"
-        print(f"| {r['bits'] or 'float'} | {r['recipe']} | {r['label']} | {ppl} | {q} | {_ops_s(r)} | "
+        cuda = _fmt(r.get("peak_cuda_mib"), ".0f")
+        print(f"| {r['bits'] or 'float'} | {r['recipe']} | {r['label']} | {ppl} | {q} | {_fmt(_ops_s(r))} | "
               f"{r.get('eval_s') or 0:.1f} | {r['peak_rss_mib']:.0f} | {cuda} |")
     if args.repeats > 1:
         print()
