@@ -56,7 +56,7 @@ def median_summary(results, recipes) -> str:
             if not runs:
                 continue
             q = statistics.median(r["quantize_s"] for r in runs)
-            ops_runs = [_ops_s(r) for r in runs if _ops_s(r) is not None]
+            ops_runs = [o for o in map(_ops_s, runs) if o is not None]
             o = statistics.median(ops_runs) if ops_runs else None
             med[name] = (len(runs), q, o)
         if recipes[0] not in med:
