@@ -180,6 +180,20 @@ std::tuple<at::Tensor, at::Tensor> sweep(const at::Tensor& W_in, const at::Tenso
     scale = at::where(missing, fb, scale);
     obj = at::where(missing, fb_obj, obj);
   }
+  // The interval above the largest breakpoint 2 max|w| (every code 0, E = 0) is not one of the
+  // sweep's intervals (beta = 0 there), but it is part of s > 0: where the sweep's best objective is
+  // positive -- every nonzero quantization of the row is worse than none, which a cross term G or
+  // PiSO_S's residual linear term can make so -- it wins. Its scale: 4 max|w|, strictly above every
+  // breakpoint in the output dtype too (kept only where that holds, i.e. finite). Rows without a
+  // candidate keep the absmax fallback above, as ALGORITHM.md §2.6 specifies.
+  auto worse = obj.gt(0).logical_and(res.found);
+  if (worse.any().item<bool>()) {
+    auto amax = W.abs().amax(1);
+    auto top = (amax * 4.0).to(out_dtype).to(at::kDouble);
+    auto ok = worse.logical_and(top.gt(amax * 2.0)).logical_and(top.isfinite());
+    scale = at::where(ok, top, scale);
+    obj = at::where(ok, at::zeros_like(obj), obj);
+  }
   if (rows_scaled || h_exp != 0) {
     // Back to the caller's units: s 2^e, E 2^(2e + h). (The fallback rows above used the scaled W
     // and lin too, so they are rescaled the same way.)

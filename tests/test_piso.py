@@ -348,6 +348,63 @@ def test_absmax_fallback_reports_the_objective_at_its_scale(algorithm, h_kind):
         torch.testing.assert_close(obj, e, rtol=1e-12, atol=0)
 
 
+SWEEPS = ["sequential", "event_parallel", "sequential_prefix", "sequential_events",
+          "sequential_table", "sequential_prefix_batched"]
+
+
+@pytest.mark.parametrize("algorithm", SWEEPS)
+@pytest.mark.parametrize("dtype", [f64, torch.float32])
+def test_row_better_left_at_zero_gets_a_scale_above_every_breakpoint(algorithm, dtype):
+    """A linear term pointing away from w (a cross term G, or PiSO_S's residual b_k, can) makes
+    every nonzero quantization worse than q = 0: the optimum over s > 0 is then any scale above the
+    largest breakpoint 2 max|w| (E = 0), which the sweep's own intervals (beta = 0 there) do not
+    include. The op returns 4 max|w| with objective 0, as the brute force (which tries just above
+    every breakpoint) finds; the other rows keep their negative optimum."""
+    gen = torch.Generator().manual_seed(71)
+    D = 24
+    H = spd(D, gen)
+    W = torch.randn(6, D, dtype=f64, generator=gen).to(dtype)
+    lin = W.to(f64) @ H
+    lin[:3] = -lin[:3]  # alpha = -q^T H w < 0 on every interval of rows 0-2
+    for qmin, qmax in [(-8, 7), (-2, 1), (-7, 7)]:
+        s, obj = ops._piso_sweep(W, lin, H, qmin, qmax, 1e-9, algorithm)
+        amax = W.to(f64).abs().amax(1)
+        assert torch.equal(s[:3].to(f64), 4 * amax[:3]) and (obj[:3] == 0).all()
+        assert (obj[3:] < 0).all() and (s[3:].to(f64) < 2 * amax[3:]).all()
+        e = ref.objective_lin(W, lin, s, H, qmin, qmax)
+        torch.testing.assert_close(obj, e, rtol=1e-9, atol=1e-12)
+        e_b, _ = ref.brute_force_lin(W, lin, H, qmin, qmax, n=500)
+        assert (e <= e_b + tol(e_b)).all(), (e, e_b)
+
+
+@pytest.mark.parametrize("algorithm", SWEEPS)
+def test_float32_result_skips_an_interval_narrower_than_a_float32_ulp(algorithm):
+    """Float32 weights a and b just below 3a (2a and 3a in one binade) give keys b / 1.5 < 2a less
+    than one float32 ulp apart: the interval between them (codes (1, 1)) holds no float32 value, so
+    a float32 result cannot be in it (a float32 scale on a breakpoint mixes both sides' codes). With
+    H = I and lin = (2a, 2a) that interval is the row's optimum (E = -8 a^2, which the float64 op
+    finds); the float32 op must return the best of the other intervals (about -7.56 a^2, codes
+    (2, 3) at s just below 2a / 3): as good as the best float32 scale strictly between breakpoints,
+    and strictly inside its interval (the objective at the returned scale is the one reported)."""
+    gen = torch.Generator().manual_seed(72)
+    a = (1 + torch.rand(16, generator=gen) / 3).float()  # [1, 4/3): 2a and 3a both in [2, 4)
+    b = torch.nextafter((3 * a.double()).float(), torch.zeros(()))
+    b = torch.where(b.double() < 3 * a.double(), b, torch.nextafter(b, torch.zeros(())))
+    W = torch.stack([a, b], 1)
+    lin = 2 * a.double()[:, None].expand(-1, 2).contiguous()
+    qmin, qmax = ref.int_grid(3)
+    s64, e64 = ops._piso_sweep(W.double(), lin, None, qmin, qmax, 1e-9, algorithm)
+    torch.testing.assert_close(e64, -8 * a.double() ** 2, rtol=1e-6, atol=0)
+    s32, e32 = ops._piso_sweep(W, lin, None, qmin, qmax, 1e-9, algorithm)
+    assert s32.dtype == torch.float32
+    torch.testing.assert_close(ref.objective_lin(W, lin, s32, None, qmin, qmax), e32, rtol=1e-12,
+                               atol=0)
+    e_b32, _ = ref.brute_force_lin(W, lin, None, qmin, qmax, n=2000, float32=True)
+    assert (e32 <= e_b32 + 1e-12 * e_b32.abs()).all(), (e32, e_b32)
+    torch.testing.assert_close(e32, e_b32, rtol=1e-6, atol=0)
+    assert (e32 > -7.6 * a.double() ** 2).all()  # not the float64 optimum -8 a^2
+
+
 # ------------------------------------------------------------------------------------------------
 # Group-wise PiSO_I / PiSO_S
 # ------------------------------------------------------------------------------------------------

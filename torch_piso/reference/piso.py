@@ -89,8 +89,13 @@ def breakpoints(w: Tensor, qmin: int, qmax: int) -> Tensor:
 
 
 def brute_force_lin(W: Tensor, lin: Tensor, H: Optional[Tensor], qmin: int, qmax: int,
-                    n: int = 4000) -> Tuple[Tensor, Tensor]:
-    """Per row (min E, argmin s) over the dense scan + both sides of every breakpoint."""
+                    n: int = 4000, float32: bool = False) -> Tuple[Tensor, Tensor]:
+    """Per row (min E, argmin s) over the dense scan + both sides of every breakpoint.
+
+    ``float32``: only float32 scales that lie strictly between breakpoints (what a float32 result
+    of optimal_scales may be): the scan rounded to float32, and on each side of every breakpoint
+    the nearest float32 value strictly beyond it; candidates equal to a breakpoint are dropped. An
+    interval narrower than a float32 ulp then holds no candidate."""
     W = W.to(torch.float64)
     best_e, best_s = [], []
     gmax = max(-qmin, qmax)
@@ -108,8 +113,15 @@ def brute_force_lin(W: Tensor, lin: Tensor, H: Optional[Tensor], qmin: int, qmax
         # does not target.
         cand = [torch.arange(1, n + 1, dtype=torch.float64) * (smax / n) * (1 + 3.7e-10)]
         bp = breakpoints(w, qmin, qmax)
-        cand += [bp * (1 + 1e-7), bp * (1 - 1e-7)]
-        s = torch.cat(cand)
+        if float32:
+            b32 = bp.to(torch.float32)
+            up = torch.where(b32.double() > bp, b32, torch.nextafter(b32, torch.tensor(float("inf"))))
+            dn = torch.where(b32.double() < bp, b32, torch.nextafter(b32, torch.tensor(0.0)))
+            s = torch.cat([cand[0].to(torch.float32), up, dn]).double()
+            s = s[(s > 0) & ~torch.isin(s, bp)]
+        else:
+            cand += [bp * (1 + 1e-7), bp * (1 - 1e-7)]
+            s = torch.cat(cand)
         e = objective_lin(w.expand(s.numel(), -1), lin[r].expand(s.numel(), -1), s, H, qmin, qmax)
         i = int(torch.argmin(e))
         best_e.append(e[i].item())
