@@ -99,8 +99,12 @@ def optimal_scales(W: Tensor, H: Optional[Tensor] = None, G: Optional[Tensor] = 
       interval. Returned dtype: float64 for float64 W, else float32; the returned value in that dtype
       reproduces the interval's codes under ``quantize_rtn`` (float64 division), so the objective at
       the returned scale is the one the sweep minimized. bfloat16/float16 W are treated as their
-      float32 values. All-zero rows get 1.0; rows with no admissible interval (e.g. only dead inputs)
-      get the absmax scale ``max|w| / 2^(b-1)``.
+      float32 values. A float32 result never lies on a breakpoint, so an interval narrower than a
+      float32 ulp (near-tied float32 weights) is skipped and the best of the others returned.
+      All-zero rows get 1.0; rows with no admissible interval (e.g. only dead inputs) get the
+      absmax scale ``max|w| / 2^(b-1)``; a row for which every nonzero quantization has E > 0
+      (a linear term pointing away from w) gets ``4 max|w|``, above every breakpoint: all codes 0,
+      E = 0.
     - CPU uses the sequential sweep; CUDA the event-parallel formulation (same results).
     """
     return _lib.optimal_scales(W, H, G, bits, group_size, sequential, eps, narrow_range)
